@@ -1,0 +1,48 @@
+# Two commands matter: `make demo` and `make test`. Each sets everything up on a fresh machine (virtual
+# environment, pinned torch, build tools, the compiled extension) and then runs its job. Every pip call goes
+# through constraints.txt so that nothing drags in a CUDA torch.
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+PIP := $(VPY) -m pip
+PIPC := $(PIP) install -c constraints.txt
+DEPS_STAMP := $(VENV)/.deps-stamp
+BUILD_STAMP := $(VENV)/.build-stamp
+SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
+PYTEST_ARGS ?=
+
+.PHONY: all setup build test demo bench cuda-check clean
+all: test
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): constraints.txt requirements-dev.txt | $(VPY)
+	$(PIPC) torch==2.13.0
+	$(PIPC) -r requirements-dev.txt
+	touch $@
+
+setup: $(DEPS_STAMP)
+
+# Editable install: Python edits are live; C++ edits rebuild incrementally in build/ (scikit-build-core build-dir).
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	$(PIPC) --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILD_STAMP)
+
+test: build
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+demo: build
+	$(VPY) -m epic_ext.demo
+
+bench: build
+	$(VPY) -m pytest bench -p no:cacheprovider --benchmark-disable-gc -s $(PYTEST_ARGS)
+
+# Compile every CUDA source with nvcc -c (also run as a test by `make test`).
+cuda-check: $(DEPS_STAMP)
+	$(VPY) tools/nvcc_check.py
+
+clean:
+	rm -rf build $(VENV) .pytest_cache
