@@ -26,6 +26,15 @@ def _check_tensor(value: object, name: str, op: str) -> None:
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
 
 
+def _check_same_device(op: str, first: tuple[str, torch.Tensor], *others: tuple[str, torch.Tensor | None]) -> None:
+    name0, tensor0 = first
+    for name, tensor in others:
+        if tensor is not None and tensor.device != tensor0.device:
+            raise RuntimeError(
+                f"{op}: {name} is on {tensor.device} but {name0} is on {tensor0.device}; move both to the same device"
+            )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # temperature_kl
 # --------------------------------------------------------------------------------------------------------------
@@ -64,6 +73,8 @@ def temperature_kl(
     _check_tensor(teacher_logits, "teacher_logits", op)
     if row_index is not None:
         _check_tensor(row_index, "row_index", op)
+    _check_same_device(op, ("student_logits", student_logits), ("teacher_logits", teacher_logits),
+                       ("row_index", row_index))
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     temperature = float(temperature)

@@ -8,7 +8,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "epic_ext.h"
@@ -25,11 +27,13 @@ rows::Dtype to_row_dtype(at::ScalarType t) {
   }
 }
 
+// EPIC_EXT_CPU_KERNELS=generic forces the portable kernels (tests use it to cover both variants).
 bool cpu_has_avx2_fma_f16c() {
 #if defined(EPIC_EXT_HAVE_AVX2_KERNELS)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                                __builtin_cpu_supports("f16c");
+  const char* forced = std::getenv("EPIC_EXT_CPU_KERNELS");
+  return supported && !(forced != nullptr && std::string(forced) == "generic");
 #else
   return false;
 #endif

@@ -35,24 +35,24 @@ inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_and_ps(result, _mm256_cmp_ps(x, lowest, _CMP_GE_OQ));
 }
 
-inline __m256 load8(const void* base, Dtype dtype, int64_t i) {
-  switch (dtype) {
-    case Dtype::kFloat32: return _mm256_loadu_ps(static_cast<const float*>(base) + i);
-    case Dtype::kBFloat16: {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-    default: {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
-      return _mm256_cvtph_ps(h);
-    }
+// The dtype is a template parameter so the hot loops carry no branch on it.
+template <Dtype D>
+inline __m256 load8(const void* base, int64_t i) {
+  if constexpr (D == Dtype::kFloat32) {
+    return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
+    if constexpr (D == Dtype::kBFloat16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    else return _mm256_cvtph_ps(h);
   }
 }
 
-inline void store8(void* base, Dtype dtype, int64_t i, __m256 value) {
-  switch (dtype) {
-    case Dtype::kFloat32: _mm256_storeu_ps(static_cast<float*>(base) + i, value); break;
-    case Dtype::kBFloat16: {
+template <Dtype D>
+inline void store8(void* base, int64_t i, __m256 value) {
+  if constexpr (D == Dtype::kFloat32) {
+    _mm256_storeu_ps(static_cast<float*>(base) + i, value);
+  } else if constexpr (D == Dtype::kBFloat16) {
+    {
       // round to nearest even; NaN -> canonical quiet NaN
       const __m256i bits = _mm256_castps_si256(value);
       const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
@@ -62,12 +62,10 @@ inline void store8(void* base, Dtype dtype, int64_t i, __m256 value) {
       const __m128i packed =
           _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + i), packed);
-      break;
     }
-    default:
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + i),
-                       _mm256_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-      break;
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + i),
+                     _mm256_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 }
 
@@ -86,10 +84,10 @@ inline double hsum(__m256 v) {
   return total;
 }
 
-}  // namespace
-
-double kl_row_avx2(const void* student, Dtype student_dtype, const void* teacher, Dtype teacher_dtype, int64_t V,
-                   float inv_temp, void* grad, float grad_coef, float* work) {
+template <Dtype SD, Dtype TD>
+double kl_row_impl(const void* student, const void* teacher, int64_t V, float inv_temp, void* grad, float grad_coef,
+                   float* work) {
+  constexpr Dtype student_dtype = SD, teacher_dtype = TD;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   float* t = work;
   float* s = work + V;
@@ -98,8 +96,8 @@ double kl_row_avx2(const void* student, Dtype student_dtype, const void* teacher
   __m256 max_t8 = _mm256_set1_ps(kNegInf), max_s8 = max_t8;
   __m256 nan8 = _mm256_setzero_ps();
   for (int64_t v = 0; v < V8; v += 8) {
-    const __m256 tv = _mm256_mul_ps(load8(teacher, teacher_dtype, v), scale);
-    const __m256 sv = _mm256_mul_ps(load8(student, student_dtype, v), scale);
+    const __m256 tv = _mm256_mul_ps(load8<TD>(teacher, v), scale);
+    const __m256 sv = _mm256_mul_ps(load8<SD>(student, v), scale);
     nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(tv, sv, _CMP_UNORD_Q));
     max_t8 = _mm256_max_ps(max_t8, tv);
     max_s8 = _mm256_max_ps(max_s8, sv);
@@ -165,18 +163,55 @@ double kl_row_avx2(const void* student, Dtype student_dtype, const void* teacher
     const __m256 cq = _mm256_set1_ps(coef_q), cp = _mm256_set1_ps(coef_p);
     for (int64_t v = 0; v < V8; v += 8) {
       const __m256 g = _mm256_fmsub_ps(cq, _mm256_loadu_ps(s + v), _mm256_mul_ps(cp, _mm256_loadu_ps(t + v)));
-      store8(grad, student_dtype, v, g);
+      store8<SD>(grad, v, g);
     }
     for (int64_t v = V8; v < V; ++v) store_from_float(grad, student_dtype, v, coef_q * s[v] - coef_p * t[v]);
   }
   return cross / sum_t - (max_t + std::log(sum_t)) + (max_s + std::log(sum_s));
 }
 
-void scale_row_avx2(const void* in, void* out, Dtype dtype, int64_t V, float factor) {
+template <Dtype D>
+void scale_row_impl(const void* in, void* out, int64_t V, float factor) {
   const int64_t V8 = V - V % 8;
   const __m256 f = _mm256_set1_ps(factor);
-  for (int64_t v = 0; v < V8; v += 8) store8(out, dtype, v, _mm256_mul_ps(load8(in, dtype, v), f));
-  for (int64_t v = V8; v < V; ++v) store_from_float(out, dtype, v, load_as_float(in, dtype, v) * factor);
+  for (int64_t v = 0; v < V8; v += 8) store8<D>(out, v, _mm256_mul_ps(load8<D>(in, v), f));
+  for (int64_t v = V8; v < V; ++v) store_from_float(out, D, v, load_as_float(in, D, v) * factor);
+}
+
+template <Dtype SD>
+double kl_row_dispatch_teacher(const void* student, const void* teacher, Dtype teacher_dtype, int64_t V,
+                               float inv_temp, void* grad, float grad_coef, float* work) {
+  switch (teacher_dtype) {
+    case Dtype::kFloat32: return kl_row_impl<SD, Dtype::kFloat32>(student, teacher, V, inv_temp, grad, grad_coef, work);
+    case Dtype::kBFloat16:
+      return kl_row_impl<SD, Dtype::kBFloat16>(student, teacher, V, inv_temp, grad, grad_coef, work);
+    default: return kl_row_impl<SD, Dtype::kFloat16>(student, teacher, V, inv_temp, grad, grad_coef, work);
+  }
+}
+
+}  // namespace
+
+double kl_row_avx2(const void* student, Dtype student_dtype, const void* teacher, Dtype teacher_dtype, int64_t V,
+                   float inv_temp, void* grad, float grad_coef, float* work) {
+  switch (student_dtype) {
+    case Dtype::kFloat32:
+      return kl_row_dispatch_teacher<Dtype::kFloat32>(student, teacher, teacher_dtype, V, inv_temp, grad, grad_coef,
+                                                      work);
+    case Dtype::kBFloat16:
+      return kl_row_dispatch_teacher<Dtype::kBFloat16>(student, teacher, teacher_dtype, V, inv_temp, grad,
+                                                       grad_coef, work);
+    default:
+      return kl_row_dispatch_teacher<Dtype::kFloat16>(student, teacher, teacher_dtype, V, inv_temp, grad, grad_coef,
+                                                      work);
+  }
+}
+
+void scale_row_avx2(const void* in, void* out, Dtype dtype, int64_t V, float factor) {
+  switch (dtype) {
+    case Dtype::kFloat32: return scale_row_impl<Dtype::kFloat32>(in, out, V, factor);
+    case Dtype::kBFloat16: return scale_row_impl<Dtype::kBFloat16>(in, out, V, factor);
+    default: return scale_row_impl<Dtype::kFloat16>(in, out, V, factor);
+  }
 }
 
 }  // namespace epic_ext::rows

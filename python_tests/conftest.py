@@ -1,0 +1,31 @@
+"""Shared fixtures: the device list (CUDA cases are collected everywhere and skipped, visibly, without a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import epic_ext
+
+HAS_CUDA = torch.cuda.is_available() and epic_ext.extension_available() and epic_ext.build_info()["cuda_built"]
+NO_CUDA_REASON = (
+    "no CUDA device (or epic_ext built without CUDA kernels): CUDA case not run"
+    if not HAS_CUDA
+    else ""
+)
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)]),
+]
+
+
+def pytest_report_header(config):
+    info = epic_ext.build_info()
+    return [f"epic_ext build: {info}", f"torch {torch.__version__}, CUDA device: {torch.cuda.is_available()}"]
+
+
+@pytest.fixture(autouse=True)
+def _require_extension():
+    if not epic_ext.extension_available():
+        pytest.fail(f"epic_ext extension not available: {epic_ext.build_info()['error']}")
