@@ -22,6 +22,15 @@ TORCH_LIBRARY(epic_ext, m) {
         "bool compute_grad) -> (Tensor, Tensor)");
   // Row-wise product of the stored student gradient with the incoming per-row gradient (fp32 math).
   m.def("temperature_kl_backward(Tensor grad, Tensor grad_rows) -> Tensor");
+  // FastV importance of every key: head- and row-mean of softmax(scale q.k) without the [B, H, R, L] matrix.
+  m.def("attention_importance(Tensor query, Tensor key, float? scale, Tensor? query_positions, "
+        "Tensor? key_padding_mask) -> Tensor");
+  // Per-sample top-`keep` positions inside a span, ascending, ties to the lower position.
+  m.def("select_tokens(Tensor scores, Tensor span_start, int span_length, int keep) -> Tensor");
+  // Rows of x along `dim` picked by index [B, K]; -1 gives a zero row.
+  m.def("gather_tokens(Tensor x, Tensor index, int dim) -> Tensor");
+  // Scatter-add of gather_tokens' output gradient into zeros of the input's shape (`length` = size of dim).
+  m.def("gather_tokens_backward(Tensor grad, Tensor index, int dim, int length) -> Tensor");
 }
 
 namespace py = pybind11;

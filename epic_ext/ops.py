@@ -11,7 +11,7 @@ import torch
 
 from . import _EXTENSION_ERROR
 
-__all__ = ["temperature_kl"]
+__all__ = ["temperature_kl", "attention_importance", "select_tokens", "gather_tokens"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -128,5 +128,136 @@ def _register_temperature_kl() -> None:
     torch.library.register_autograd("epic_ext::temperature_kl", backward, setup_context=setup_context)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Token ranking and pruning
+# --------------------------------------------------------------------------------------------------------------
+def attention_importance(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    scale: float | None = None,
+    query_positions: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """FastV importance of every key: softmax(scale * q . k) averaged over query heads and valid query rows.
+
+    Computed from q and k directly; the [B, H, R, L] attention matrix is never materialised (extra memory
+    O(B * L)). Not differentiable (ranking is not trained through).
+
+    Args:
+        query: [B, Hq, R, D] post-RoPE query rows that do the looking (e.g. the last prompt token), fp32/bf16/fp16.
+        key: [B, Hkv, L, D] post-RoPE keys, same dtype, not repeated for grouped-query attention (Hq % Hkv == 0;
+            query head h reads kv head h // (Hq // Hkv)).
+        scale: softmax scale, default D ** -0.5.
+        query_positions: optional int64 [B, R], each row's position in the key sequence: keys after it are masked
+            (causal). -1 skips the row. None: every row sees every key.
+        key_padding_mask: optional bool [B, L], True = real token; padded keys get probability 0.
+
+    Returns:
+        [B, L] fp32. A row that sees no key is not counted; a sample without a counted row gets zeros.
+    """
+    op = "attention_importance"
+    _check_tensor(query, "query", op)
+    _check_tensor(key, "key", op)
+    _check_same_device(op, ("query", query), ("key", key), ("query_positions", query_positions),
+                       ("key_padding_mask", key_padding_mask))
+    _require_extension()
+    return torch.ops.epic_ext.attention_importance(
+        query, key, None if scale is None else float(scale), query_positions, key_padding_mask
+    )
+
+
+def select_tokens(
+    scores: torch.Tensor, span_start: torch.Tensor | int, span_length: int, keep: int
+) -> torch.Tensor:
+    """Per sample, the `keep` highest-scoring positions inside [span_start[b], span_start[b] + span_length).
+
+    Args:
+        scores: [B, L] float (e.g. attention_importance's output).
+        span_start: int64 [B] (or one int for every sample): first position of each sample's span.
+        span_length: positions in every span.
+        keep: how many to keep, 0 <= keep <= span_length.
+
+    Returns:
+        int64 [B, keep] absolute positions in ascending order. Ties go to the lower position; NaN ranks lowest.
+    """
+    op = "select_tokens"
+    _check_tensor(scores, "scores", op)
+    if isinstance(span_start, int):
+        span_start = torch.full((scores.shape[0],), span_start, dtype=torch.long, device=scores.device)
+    _check_tensor(span_start, "span_start", op)
+    _check_same_device(op, ("scores", scores), ("span_start", span_start))
+    _require_extension()
+    return torch.ops.epic_ext.select_tokens(scores, span_start, int(span_length), int(keep))
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Select positions `index` along `dim` of x, per sample; index -1 yields a zero row (padding).
+
+    Args:
+        x: [B, ..., L, ...] with L at `dim` (>= 1), e.g. hidden states [B, L, D] (dim=1) or a KV cache
+            [B, H, L, D] (dim=2). Any dtype; differentiable for floating dtypes.
+        index: int64 [B, K], entries in [-1, L).
+        dim: the sequence dimension of x.
+
+    Returns:
+        x's shape with K at `dim`. The backward scatters (accumulating repeated indices) into zeros.
+    """
+    op = "gather_tokens"
+    _check_tensor(x, "x", op)
+    _check_tensor(index, "index", op)
+    _check_same_device(op, ("x", x), ("index", index))
+    _require_extension()
+    return torch.ops.epic_ext.gather_tokens(x, index, int(dim))
+
+
+def _register_token_ops() -> None:
+    @torch.library.register_fake("epic_ext::attention_importance")
+    def _attention_importance_fake(query, key, scale, query_positions, key_padding_mask):
+        return query.new_empty((key.shape[0], key.shape[2]), dtype=torch.float32)
+
+    @torch.library.register_fake("epic_ext::select_tokens")
+    def _select_tokens_fake(scores, span_start, span_length, keep):
+        return span_start.new_empty((scores.shape[0], keep))
+
+    @torch.library.register_fake("epic_ext::gather_tokens")
+    def _gather_tokens_fake(x, index, dim):
+        shape = list(x.shape)
+        shape[dim if dim >= 0 else dim + x.dim()] = index.shape[1]
+        return x.new_empty(shape)
+
+    @torch.library.register_fake("epic_ext::gather_tokens_backward")
+    def _gather_tokens_backward_fake(grad, index, dim, length):
+        shape = list(grad.shape)
+        shape[dim if dim >= 0 else dim + grad.dim()] = length
+        return grad.new_empty(shape)
+
+    def gather_setup_context(ctx, inputs, output):
+        x, index, dim = inputs
+        ctx.save_for_backward(index)
+        ctx.dim = dim
+        ctx.length = x.shape[dim]
+
+    def gather_backward(ctx, grad_out):
+        (index,) = ctx.saved_tensors
+        grad_x = torch.ops.epic_ext.gather_tokens_backward(grad_out, index, ctx.dim, ctx.length)
+        return grad_x, None, None
+
+    torch.library.register_autograd("epic_ext::gather_tokens", gather_backward, setup_context=gather_setup_context)
+
+    def gather_backward_setup_context(ctx, inputs, output):
+        _, index, dim, _ = inputs
+        ctx.save_for_backward(index)
+        ctx.dim = dim
+
+    def gather_backward_backward(ctx, grad_grad_x):  # the backward is linear: its own gradient is a gather
+        (index,) = ctx.saved_tensors
+        return torch.ops.epic_ext.gather_tokens(grad_grad_x, index, ctx.dim), None, None, None
+
+    torch.library.register_autograd("epic_ext::gather_tokens_backward", gather_backward_backward,
+                                    setup_context=gather_backward_setup_context)
+
+
 if _EXTENSION_ERROR is None:
     _register_temperature_kl()
+    _register_token_ops()

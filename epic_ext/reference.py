@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["temperature_kl"]
+__all__ = ["temperature_kl", "attention_importance", "select_tokens", "gather_tokens"]
 
 
 def temperature_kl(
@@ -55,3 +55,73 @@ def temperature_kl(
     if reduction == "mean":
         return kl.sum() / valid.sum().clamp(min=1)
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def attention_importance(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    scale: float | None = None,
+    query_positions: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Reference for :func:`epic_ext.ops.attention_importance`: the full [B, Hq, R, L] softmax, then means.
+
+    Returns:
+        [B, L] in compute_dtype.
+    """
+    batch, q_heads, rows, head_dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    scale = head_dim**-0.5 if scale is None else scale
+    q = query.to(compute_dtype)
+    k = key.to(compute_dtype).repeat_interleave(q_heads // kv_heads, dim=1)  # [B, Hq, L, D]
+    logits = scale * q @ k.transpose(-1, -2)  # [B, Hq, R, L]
+    visible = torch.ones(batch, rows, length, dtype=torch.bool, device=query.device)
+    row_used = torch.ones(batch, rows, dtype=torch.bool, device=query.device)
+    if query_positions is not None:
+        positions = torch.arange(length, device=query.device)
+        visible &= positions[None, None, :] <= query_positions[:, :, None]
+        row_used &= query_positions >= 0
+    if key_padding_mask is not None:
+        visible &= key_padding_mask[:, None, :]
+    row_used &= visible.any(dim=-1)
+    logits = logits.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    probs = torch.where(row_used[:, None, :, None], probs, torch.zeros((), dtype=compute_dtype, device=q.device))
+    count = (row_used.sum(dim=1) * q_heads).to(compute_dtype)  # [B]
+    total = probs.sum(dim=(1, 2))  # [B, L]
+    return torch.where(count[:, None] > 0, total / count.clamp(min=1)[:, None], torch.zeros_like(total))
+
+
+def select_tokens(scores: torch.Tensor, span_start: torch.Tensor, span_length: int, keep: int) -> torch.Tensor:
+    """Reference for :func:`epic_ext.ops.select_tokens` by three stable sorts (position, score, NaN-ness).
+
+    Returns:
+        int64 [B, keep], ascending.
+    """
+    result = []
+    for b in range(scores.shape[0]):
+        start = int(span_start[b])
+        span = scores[b, start : start + span_length].double()
+        positions = torch.arange(start, start + span_length, device=scores.device)
+        is_nan = torch.isnan(span)
+        value = torch.where(is_nan, torch.full_like(span, float("-inf")), span)
+        order = torch.sort(-value, stable=True).indices  # positions already ascending: ties stay in position order
+        order = order[torch.sort(is_nan[order].to(torch.int8), stable=True).indices]  # NaN last
+        result.append(torch.sort(positions[order[:keep]]).values)
+    if not result:
+        return torch.empty(0, keep, dtype=torch.long, device=scores.device)
+    return torch.stack(result)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Reference for :func:`epic_ext.ops.gather_tokens` with torch.gather on an expanded index (differentiable)."""
+    dim = dim if dim >= 0 else dim + x.dim()
+    padded = torch.cat([x, torch.zeros_like(x.narrow(dim, 0, 1))], dim=dim)  # row L is the zero row
+    safe = torch.where(index >= 0, index, torch.full_like(index, x.shape[dim]))
+    shape = [x.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = index.shape[1]
+    expanded_shape = list(x.shape)
+    expanded_shape[dim] = index.shape[1]
+    return torch.gather(padded, dim, safe.view(shape).expand(expanded_shape))
