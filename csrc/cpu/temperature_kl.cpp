@@ -85,8 +85,9 @@ std::tuple<at::Tensor, at::Tensor> temperature_kl_cpu(const at::Tensor& student_
   at::Tensor row_loss = at::empty({N}, student.options().dtype(at::kFloat));  // [N] fp32
   at::Tensor grad = compute_grad ? at::empty({N, V}, student.options().memory_format(at::MemoryFormat::Contiguous))
                                  : at::empty({0}, student.options());  // [N, V] student dtype
+  TORCH_CHECK(V > 0, OP_NAME, ": student_logits must have a vocabulary dimension V > 0, got shape ",
+              student.sizes());
   if (N == 0) return {row_loss, grad};
-  TORCH_CHECK(V > 0, OP_NAME, ": student_logits must have a vocabulary dimension V > 0");
 
   const rows::Dtype sdt = to_row_dtype(student.scalar_type()), tdt = to_row_dtype(teacher.scalar_type());
   const int64_t s_elem = student.element_size(), t_elem = teacher.element_size(), g_elem = student.element_size();
