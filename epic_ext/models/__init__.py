@@ -1,0 +1,5 @@
+"""Hugging Face integration: visual-token compression inside LLaVA (transformers 5.x)."""
+
+from .llava import CompressionHandle, apply_compression
+
+__all__ = ["apply_compression", "CompressionHandle"]

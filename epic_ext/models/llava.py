@@ -1,0 +1,533 @@
+"""Visual-token compression inside Hugging Face LlavaForConditionalGeneration (transformers 5.x).
+
+How it hooks in (each choice answers a pitfall listed in shared/NOTES-transformers.md):
+- Image positions come from `input_ids == config.image_token_id` in a forward pre-hook on the LlavaModel (the
+  language model only sees embeddings); with embeddings only, they come from comparing with the image token's
+  embedding.
+- The language model's `forward` is replaced on the instance (not the class, not the decoder layers, so gradient
+  checkpointing and output capture keep working) by a loop equal to LlamaModel.forward plus two steps: at layer
+  K-1 the scoring hook, at layer K the pruning.
+- Scoring reads layer K-1's post-RoPE query and key inside the model's own attention call: the text model's
+  attention implementation is set to a registered wrapper ("epic_ext_sdpa", ...) around the original one (SDPA,
+  flash, eager), with the original's mask function registered under the new name; a keyword given only to layer
+  K-1 tells the wrapper to report. No eager fallback, no output_attentions.
+- Pruning gathers hidden states with epic_ext.ops.gather_tokens, keeps the original position ids (RoPE is
+  recomputed from them) and rebuilds the causal mask for the shorter sequence from an explicit 2-D mask with
+  `layer_idx=K` (an implicit mask would read the gapped positions as packed sequences).
+- generate(): pruning happens at prefill; layers >= K keep a shorter KV cache and, on every decoding step, get a
+  mask rebuilt from the pruned prefill mask plus the new tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+from ..compress import Compressor, LayerContext, get_compressor
+
+_logger = logging.getLogger(__name__)
+
+CAPTURE_KWARG = "epic_ext_capture"
+
+
+# ------------------------------------------------------------------------------------------------ transformers --
+def _transformers():
+    try:
+        import transformers  # noqa: PLC0415
+        from transformers.cache_utils import DynamicCache  # noqa: PLC0415
+        from transformers.masking_utils import AttentionMaskInterface, create_causal_mask  # noqa: PLC0415
+        from transformers.modeling_outputs import BaseModelOutputWithPast  # noqa: PLC0415
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface  # noqa: PLC0415
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("epic_ext.models needs transformers>=5.17: pip install 'transformers>=5.17'") from exc
+    return dict(transformers=transformers, DynamicCache=DynamicCache, AttentionMaskInterface=AttentionMaskInterface,
+                create_causal_mask=create_causal_mask, BaseModelOutputWithPast=BaseModelOutputWithPast,
+                ALL_ATTENTION_FUNCTIONS=ALL_ATTENTION_FUNCTIONS, AttentionInterface=AttentionInterface)
+
+
+def _output_decorators():
+    """The decorators LlamaModel.forward carries in 5.x (config defaults, output_hidden_states capture)."""
+    decorators = []
+    try:
+        from transformers.utils.generic import merge_with_config_defaults  # noqa: PLC0415
+
+        decorators.append(merge_with_config_defaults)
+    except ImportError:
+        pass
+    try:
+        from transformers.utils.output_capturing import capture_outputs  # noqa: PLC0415
+    except ImportError:
+        try:
+            from transformers.utils.generic import check_model_inputs as capture_outputs  # noqa: PLC0415
+        except ImportError:
+            capture_outputs = None
+    if capture_outputs is not None:
+        decorators.append(capture_outputs)
+    return decorators
+
+
+def _wrapped_attention(original_name: str, eager_fallback):
+    tf = _transformers()
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        capture = kwargs.pop(CAPTURE_KWARG, None)
+        if capture is not None:
+            capture(query, key, kwargs.get("scaling"))
+        if original_name == "eager":
+            original = eager_fallback
+        else:
+            original = tf["ALL_ATTENTION_FUNCTIONS"][original_name]
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+def _install_attention(language_model, original_name: str) -> str:
+    """Registers epic_ext_<original> (attention + mask function) and returns its name."""
+    tf = _transformers()
+    name = f"epic_ext_{original_name}"
+    eager_fallback = None
+    if original_name == "eager":
+        module = sys.modules[type(language_model.layers[0].self_attn).__module__]
+        eager_fallback = getattr(module, "eager_attention_forward", None)
+        if eager_fallback is None:
+            raise ValueError(f"apply_compression: {module.__name__} has no eager_attention_forward to wrap")
+    elif original_name not in tf["ALL_ATTENTION_FUNCTIONS"]:
+        raise ValueError(f"apply_compression: unsupported attention implementation {original_name!r}")
+    tf["AttentionInterface"].register(name, _wrapped_attention(original_name, eager_fallback))
+    masks = tf["AttentionMaskInterface"]._global_mapping
+    mask_fn = masks.get(original_name)
+    if mask_fn is None:
+        raise ValueError(f"apply_compression: no mask function for attention implementation {original_name!r}")
+    tf["AttentionMaskInterface"].register(name, mask_fn)
+    return name
+
+
+# ------------------------------------------------------------------------------------------------------ state --
+@dataclass
+class _Settings:
+    method: str
+    layer: int
+    ratio: float | None
+    keep: int | None
+    compressor: Compressor
+
+
+@dataclass
+class _CallInputs:
+    """What the pre-hooks saw for the current top-level forward."""
+
+    image_mask: torch.Tensor | None = None  # [B, L] bool
+    labels: torch.Tensor | None = None  # [B, L], popped from the top-level call while pruning
+    query_positions: torch.Tensor | None = None  # [B, R] explicit override
+
+
+class CompressionHandle:
+    """Returned by apply_compression. Holds the patch; `override()` changes it for a block, `remove()` undoes it.
+
+    Attributes:
+        last_kept_positions: [B, L'] int64 original positions kept by the last pruned forward (text and visual,
+            ascending, -1 for padding slots at the left of shorter samples), or None when it did not prune.
+    """
+
+    def __init__(self, model, settings: _Settings):
+        self.model = model
+        self.settings = settings
+        self._llava = model.model if hasattr(model, "model") and hasattr(model.model, "language_model") else model
+        self.language_model = self._llava.language_model
+        self.config = model.config
+        self._text_config = self.language_model.config
+        self._inputs = _CallInputs()
+        self._pruned_masks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.last_kept_positions: torch.Tensor | None = None
+        self._hooks = []
+        self._removed = False
+        self._original_attn = self._text_config._attn_implementation
+        self._image_token_id = getattr(self.config, "image_token_id", None)
+        if self._image_token_id is None:
+            self._image_token_id = getattr(self.config, "image_token_index", None)
+        if self._image_token_id is None:
+            raise ValueError("apply_compression: the model config has no image_token_id: not a LLaVA-style model")
+
+    # ---- public ---------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def override(self, *, ratio: float | None = None, keep: int | None = None, layer: int | None = None,
+                 query_positions: torch.Tensor | None = None):
+        """Changes the compression for the forward passes inside the block (e.g. a teacher pass at a lower ratio).
+
+        Args:
+            ratio / keep: the new amount (give at most one; ratio=0 disables pruning).
+            layer: the new compression layer K.
+            query_positions: int64 [B, R] rows FastV ranks with, instead of the last prompt token.
+        """
+        self._check_live()
+        old_settings, old_query = self.settings, self._inputs.query_positions
+        new_ratio, new_keep = (old_settings.ratio, old_settings.keep) if ratio is None and keep is None else (ratio, keep)
+        _validate_amount(new_ratio, new_keep)
+        new_layer = old_settings.layer if layer is None else layer
+        _validate_layer(new_layer, self._text_config.num_hidden_layers, old_settings.compressor)
+        self.settings = _Settings(old_settings.method, new_layer, new_ratio, new_keep, old_settings.compressor)
+        self._inputs.query_positions = query_positions
+        try:
+            yield self
+        finally:
+            self.settings, self._inputs.query_positions = old_settings, old_query
+
+    def remove(self) -> None:
+        """Restores the model exactly: hooks, the language model's forward, the attention implementation."""
+        if self._removed:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.language_model.__dict__.pop("forward", None)
+        self.model.set_attn_implementation({"text_config": self._original_attn})
+        self.language_model.config._attn_implementation_internal = self._original_attn
+        self.model.__dict__.pop("_epic_ext_handle", None)
+        self._removed = True
+
+    @property
+    def ratio(self) -> float | None:
+        return self.settings.ratio
+
+    @property
+    def layer(self) -> int:
+        return self.settings.layer
+
+    # ---- installation ---------------------------------------------------------------------------------------
+    def _install(self) -> None:
+        name = _install_attention(self.language_model, self._original_attn)
+        self.model.set_attn_implementation({"text_config": name})
+        if self.language_model.config._attn_implementation != name:  # older set_attn_implementation
+            self.language_model.config._attn_implementation_internal = name
+        self._hooks.append(self._llava.register_forward_pre_hook(self._llava_pre_hook, with_kwargs=True))
+        if self.model is not self._llava:
+            self._hooks.append(self.model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True))
+            self._hooks.append(self.model.register_forward_hook(self._top_post_hook, with_kwargs=True))
+        forward = _make_language_model_forward(self)
+        for decorator in reversed(_output_decorators()):
+            forward = decorator(forward)
+        self.language_model.forward = forward.__get__(self.language_model)
+        self.model._epic_ext_handle = self
+
+    def _check_live(self) -> None:
+        if self._removed:
+            raise RuntimeError("this compression handle was removed; call apply_compression again")
+
+    # ---- hooks ----------------------------------------------------------------------------------------------
+    def _active(self) -> bool:
+        s = self.settings
+        return not ((s.ratio is not None and s.ratio == 0.0) or (s.keep is None and s.ratio is None))
+
+    def _top_pre_hook(self, module, args, kwargs):
+        self._inputs.labels = None
+        self.last_kept_positions = None
+        if not self._active() or kwargs.get("labels") is None:
+            return None
+        if len(args) > 1:
+            raise TypeError("with compression applied, pass LLaVA inputs other than input_ids as keyword arguments")
+        kwargs = dict(kwargs)
+        self._inputs.labels = kwargs.pop("labels")  # the loss is computed on the pruned logits in the post-hook
+        return args, kwargs
+
+    def _top_post_hook(self, module, args, kwargs, output):
+        labels, self._inputs.labels = self._inputs.labels, None
+        if self.last_kept_positions is not None:
+            output["kept_positions"] = self.last_kept_positions
+        if labels is None:
+            return output
+        logits = output["logits"]
+        targets = torch.full_like(labels, -100)
+        targets[:, :-1] = labels[:, 1:]  # position i predicts token i + 1, in original positions
+        if self.last_kept_positions is not None:
+            kept = self.last_kept_positions
+            targets = torch.where(kept >= 0, targets.gather(1, kept.clamp(min=0)), torch.full_like(kept, -100))
+        if logits.shape[1] != targets.shape[1]:
+            raise RuntimeError("epic_ext: logits do not cover every position (logits_to_keep) while labels are given")
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                                 reduction="sum")
+        count = kwargs.get("num_items_in_batch")
+        if count is None:
+            count = (targets != -100).sum()
+        output["loss"] = loss / count.to(loss.device) if torch.is_tensor(count) else loss / count
+        return output
+
+    def _llava_pre_hook(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is not None:
+            self._inputs.image_mask = input_ids == self._image_token_id
+        else:
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is None:
+                self._inputs.image_mask = None
+            else:
+                token = torch.tensor([self._image_token_id], device=embeds.device)
+                image_embed = module.get_input_embeddings()(token).to(embeds.dtype)
+                self._inputs.image_mask = (embeds == image_embed).all(dim=-1)
+        return None
+
+
+def _validate_amount(ratio, keep) -> None:
+    if ratio is not None and keep is not None:
+        raise ValueError("apply_compression: give ratio or keep, not both")
+    if ratio is not None and not (0.0 <= float(ratio) < 1.0):
+        raise ValueError(f"apply_compression: ratio must be in [0, 1) (the fraction of visual tokens removed), got "
+                         f"{ratio}")
+    if keep is not None and (not isinstance(keep, int) or keep < 0):
+        raise ValueError(f"apply_compression: keep must be an int >= 0 (visual tokens kept per sample), got {keep!r}")
+
+
+def _validate_layer(layer, num_layers: int, compressor: Compressor) -> None:
+    if not isinstance(layer, int) or not (compressor.min_layer <= layer < num_layers):
+        raise ValueError(
+            f"apply_compression: layer must be an int in [{compressor.min_layer}, {num_layers - 1}] for method "
+            f"{compressor.name!r} (the model has {num_layers} decoder layers; the method scores with layer K-1), "
+            f"got {layer!r}")
+
+
+# ------------------------------------------------------------------------------------------ the forward pass --
+def _keep_counts(settings: _Settings, image_counts: list[int]) -> list[int]:
+    counts = []
+    for n in image_counts:
+        if n == 0:
+            counts.append(0)
+        elif settings.keep is not None:
+            if settings.keep > n:
+                raise ValueError(f"apply_compression: keep={settings.keep} is more than the {n} visual tokens of a "
+                                 "sample in this batch")
+            counts.append(settings.keep)
+        else:
+            counts.append(min(n, int(math.floor((1.0 - settings.ratio) * n + 0.5))))
+    return counts
+
+
+def _spans(row: list[int]) -> list[tuple[int, int]]:
+    spans, start = [], None
+    for i, flag in enumerate(row):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            spans.append((start, i - start))
+            start = None
+    if start is not None:
+        spans.append((start, len(row) - start))
+    return spans
+
+
+class _Plan:
+    """Decisions for one language-model call, made once before the layer loop."""
+
+    def __init__(self, handle: CompressionHandle, batch: int, length: int, past_length: int,
+                 attention_mask: torch.Tensor, device):
+        self.prune = False
+        image_mask = handle._inputs.image_mask
+        if not handle._active() or past_length > 0 or image_mask is None or image_mask.shape != (batch, length):
+            return
+        rows = image_mask.tolist()  # the one host sync of a pruned forward
+        image_counts = [sum(r) for r in rows]
+        if not any(image_counts):
+            return
+        self.keep_counts = _keep_counts(handle.settings, image_counts)
+        if self.keep_counts == image_counts:
+            return  # nothing to drop: the unpatched computation, exactly
+        self.prune = True
+        self.layer = handle.settings.layer
+        self.image_mask = image_mask
+        self.spans = [_spans(r) for r in rows]
+        self.image_counts = image_counts
+        self.attention_mask = attention_mask
+        self.device = device
+
+
+def _default_query_positions(attention_mask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """[B, 1]: the last prompt token: the one before the first supervised label, else the last real token."""
+    batch, length = attention_mask.shape
+    positions = torch.arange(length, device=attention_mask.device).expand(batch, length)
+    last_real = torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
+    if labels is None:
+        return last_real[:, None]
+    supervised = labels[:, :length] != -100
+    first_answer = torch.where(supervised, positions, torch.full_like(positions, length)).min(dim=1).values
+    return torch.where(first_answer < length, first_answer - 1, last_real)[:, None]
+
+
+def _prompt_mask(attention_mask: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None, :]
+    return attention_mask.bool() & (positions <= query_positions.max(dim=1, keepdim=True).values)
+
+
+def _make_language_model_forward(handle: CompressionHandle):
+    tf = _transformers()
+    create_causal_mask = tf["create_causal_mask"]
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        cache_implementation = type(past_key_values).__name__ if past_key_values is not None else ""
+        if "Static" in cache_implementation:
+            raise NotImplementedError("epic_ext compression does not support static KV caches (it shortens the "
+                                      "cache of layers >= K); use the default dynamic cache")
+        if use_cache and past_key_values is None:
+            past_key_values = tf["DynamicCache"](config=self.config)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        batch, length = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        if position_ids is None:
+            position_ids = (torch.arange(length, device=device) + past_length).unsqueeze(0)
+
+        explicit_mask = attention_mask
+        if explicit_mask is not None and explicit_mask.dim() != 2:
+            explicit_mask = None  # a prepared 4-D mask: used as given, no pruning decisions read it
+        full_mask_2d = (explicit_mask if explicit_mask is not None
+                        else torch.ones(batch, past_length + length, dtype=torch.long, device=device))
+        plan = _Plan(handle, batch, length, past_length, full_mask_2d[:, past_length:], device)
+        handle._inputs.image_mask = None  # consumed: a later direct call must not reuse it
+        pruned_cache_mask = handle._pruned_masks.get(past_key_values) if past_key_values is not None else None
+        decode_on_pruned = not plan.prune and pruned_cache_mask is not None and past_length > 0
+
+        # An explicit 2-D mask whenever positions may be gapped (never let the packed-sequence guess run).
+        mask_for_layers = full_mask_2d if (plan.prune or decode_on_pruned or attention_mask is not None) else None
+        causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
+                                         attention_mask=mask_for_layers if attention_mask is None or
+                                         attention_mask.dim() == 2 else attention_mask,
+                                         past_key_values=past_key_values, position_ids=position_ids)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        capture = _Capture(handle, plan, position_ids) if plan.prune else None
+        prune_layer = plan.layer if plan.prune else handle.settings.layer
+
+        for layer_idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            if plan.prune and layer_idx == prune_layer:
+                hidden_states, position_ids, position_embeddings, causal_mask = _prune(
+                    self, handle, plan, capture, hidden_states, position_ids, past_key_values, create_causal_mask)
+            elif decode_on_pruned and layer_idx == prune_layer:
+                new_columns = (explicit_mask[:, -length:] if explicit_mask is not None
+                               else torch.ones(batch, length, dtype=pruned_cache_mask.dtype, device=device))
+                pruned_cache_mask = torch.cat([pruned_cache_mask, new_columns.to(pruned_cache_mask.dtype)], dim=1)
+                handle._pruned_masks[past_key_values] = pruned_cache_mask
+                causal_mask = create_causal_mask(config=self.config, inputs_embeds=hidden_states,
+                                                 attention_mask=pruned_cache_mask, past_key_values=past_key_values,
+                                                 position_ids=position_ids, layer_idx=layer_idx)
+            layer_kwargs = kwargs
+            if capture is not None and layer_idx == prune_layer - 1 and capture.wants_attention:
+                layer_kwargs = {**kwargs, CAPTURE_KWARG: capture}
+            hidden_states = decoder_layer(hidden_states, attention_mask=causal_mask,
+                                          position_embeddings=position_embeddings, position_ids=position_ids,
+                                          past_key_values=past_key_values, use_cache=use_cache, **layer_kwargs)
+        hidden_states = self.norm(hidden_states)
+        return tf["BaseModelOutputWithPast"](last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+    return forward
+
+
+class _Capture:
+    """Called by the attention wrapper inside layer K-1 with its post-RoPE q and k. Pure: it overwrites the same
+    values if gradient checkpointing recomputes the layer."""
+
+    def __init__(self, handle: CompressionHandle, plan: _Plan, position_ids: torch.Tensor):
+        compressor = handle.settings.compressor
+        self.wants_attention = compressor.needs_importance or compressor.needs_key
+        self.compressor = compressor
+        explicit = handle._inputs.query_positions
+        self.query_positions = (explicit.to(plan.device) if explicit is not None
+                                else _default_query_positions(plan.attention_mask, handle._inputs.labels))
+        if compressor.name == "fastv" and getattr(compressor, "query", "last") == "prompt" and explicit is None:
+            prompt = _prompt_mask(plan.attention_mask, self.query_positions) & ~plan.image_mask
+            length = prompt.shape[1]
+            positions = torch.arange(length, device=prompt.device).expand_as(prompt)
+            rows = torch.where(prompt, positions, torch.full_like(positions, length)).sort(dim=1).values
+            width = max(int(prompt.sum(dim=1).max()), 1)
+            rows = rows[:, :width]
+            self.query_positions = torch.where(rows < length, rows, torch.full_like(rows, -1))
+        self.importance = None
+        self.key = None
+
+    def __call__(self, query, key, scaling):
+        with torch.no_grad():
+            if self.compressor.needs_importance:
+                rows = ops.gather_tokens(query.detach(), self.query_positions, dim=2)  # [B, Hq, R, D]
+                self.importance = ops.attention_importance(
+                    rows, key.detach(), scale=scaling, query_positions=self.query_positions)
+            if self.compressor.needs_key:
+                self.key = key.detach()
+
+
+def _prune(lm, handle: CompressionHandle, plan: _Plan, capture: _Capture, hidden_states, position_ids,
+           past_key_values, create_causal_mask):
+    batch, length = hidden_states.shape[:2]
+    device = hidden_states.device
+    attention_mask = plan.attention_mask
+    keep = torch.tensor(plan.keep_counts, dtype=torch.long, device=device)
+    query_positions = capture.query_positions if capture is not None else _default_query_positions(
+        attention_mask, handle._inputs.labels)
+    ctx = LayerContext(hidden_states=hidden_states, image_mask=plan.image_mask, attention_mask=attention_mask,
+                       query_positions=query_positions, prompt_mask=_prompt_mask(attention_mask, query_positions),
+                       keep=keep, keep_counts=plan.keep_counts, max_keep=max(plan.keep_counts), spans=plan.spans,
+                       importance=capture.importance if capture else None, key=capture.key if capture else None)
+    kept_visual = handle.settings.compressor.select(ctx)  # [B, max_keep], -1 padded
+    # Kept sequence: every non-visual position plus the kept visual ones, ascending; shorter samples are padded
+    # on the left, so the last slot is the last real token for left-padded (generation) batches.
+    positions = torch.arange(length, device=device).expand(batch, length)
+    # -1 entries scatter into a spare column that is cut off again
+    target = torch.where(kept_visual >= 0, kept_visual, torch.full_like(kept_visual, length))
+    keep_flags = torch.cat([~plan.image_mask, plan.image_mask.new_zeros(batch, 1)], dim=1)
+    keep_flags = keep_flags.scatter(1, target, torch.ones_like(target, dtype=torch.bool))[:, :length]
+    new_lengths = [length - n + k for n, k in zip(plan.image_counts, plan.keep_counts)]
+    new_length = max(new_lengths)
+    order = torch.where(keep_flags, positions, positions - length).sort(dim=1).values  # dropped first (negative)
+    kept = order[:, length - new_length:]
+    kept = torch.where(kept >= 0, kept, torch.full_like(kept, -1))  # [B, L'] original positions, -1 = padding slot
+
+    hidden_states = ops.gather_tokens(hidden_states, kept, dim=1)
+    full_positions = position_ids.expand(batch, length) if position_ids.shape[0] == 1 else position_ids
+    new_position_ids = ops.gather_tokens(full_positions, kept, dim=1)
+    new_mask = ops.gather_tokens(attention_mask.long(), kept, dim=1)  # padding slots: 0
+    position_embeddings = lm.rotary_emb(hidden_states, position_ids=new_position_ids)
+    causal_mask = create_causal_mask(config=lm.config, inputs_embeds=hidden_states, attention_mask=new_mask,
+                                     past_key_values=past_key_values, position_ids=new_position_ids,
+                                     layer_idx=plan.layer)
+    if past_key_values is not None:
+        handle._pruned_masks[past_key_values] = new_mask
+    handle.last_kept_positions = kept
+    return hidden_states, new_position_ids, position_embeddings, causal_mask
+
+
+# ------------------------------------------------------------------------------------------------- entry point --
+def apply_compression(model, method: str = "fastv", layer: int = 2, ratio: float | None = None,
+                      keep: int | None = None, **method_kwargs) -> CompressionHandle:
+    """Prunes visual tokens inside a LlavaForConditionalGeneration at decoder layer `layer` of its language model.
+
+    Args:
+        model: transformers LlavaForConditionalGeneration (or LlavaModel), transformers 5.x.
+        method: "fastv", "dart", "random" or a name registered with epic_ext.compress.register_compressor.
+        layer: K, the decoder layer whose input is pruned (scoring methods read layer K-1).
+        ratio: fraction of each sample's visual tokens removed, in [0, 1) (576 -> 128 kept is 0.778).
+        keep: alternatively, the number of visual tokens kept per sample.
+        **method_kwargs: passed to the compressor (e.g. query="prompt" for FastV, image_pivots=8 for DART,
+            generator=torch.Generator() for Random).
+
+    Returns:
+        A CompressionHandle: `with handle.override(ratio=...)` for single passes, `handle.remove()` to undo.
+        Forward outputs carry `kept_positions` [B, L'] (original positions, -1 = padding slot) when they pruned.
+    """
+    if getattr(model, "_epic_ext_handle", None) is not None:
+        raise RuntimeError("apply_compression: this model is already patched; call handle.remove() first")
+    language_model = getattr(getattr(model, "model", model), "language_model", None)
+    if language_model is None or not hasattr(language_model, "layers"):
+        raise ValueError(f"apply_compression: expected a LLaVA model with a language_model, got {type(model).__name__}")
+    compressor = get_compressor(method, **method_kwargs)
+    _validate_amount(ratio, keep)
+    _validate_layer(layer, language_model.config.num_hidden_layers, compressor)
+    handle = CompressionHandle(model, _Settings(method, layer, ratio, keep, compressor))
+    handle._install()
+    return handle

@@ -1,0 +1,268 @@
+"""apply_compression on a tiny LlavaForConditionalGeneration against an independent reference.
+
+The reference runs the unpatched model with eager attention and output_attentions, ranks the visual tokens from
+layer K-1's attention weights by hand, then runs the decoder layers itself on the FULL sequence with a 4-D mask
+that, from layer K on, hides the dropped keys. Logits at the kept positions must equal the patched model's
+(pruned sequence, SDPA, gathered positions).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from epic_ext.models import apply_compression  # noqa: E402
+from epic_ext.models.tiny import build_tiny_llava  # noqa: E402
+from llava_data import make_llava_batch  # noqa: E402
+
+LAYOUTS = [[3, "img", 6], [5, "img", 2], [2, "img", 9]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny_llava(seed=0)
+
+
+def eager_copy(model):
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation({"text_config": "eager"})
+    return ref
+
+
+def reference_fastv(model, batch, layer, keep):
+    """Returns (logits [B, L, V] of the masked full-length forward, kept visual positions per sample)."""
+    ref = eager_copy(model)
+    lm = ref.model.language_model
+    captured = {}
+    hook = lm.register_forward_pre_hook(lambda mod, args, kwargs: captured.update(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        out = ref(**batch, output_attentions=True)
+    hook.remove()
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    image = ids == model.config.image_token_id
+    batch_size, length = ids.shape
+    kept_visual = torch.zeros_like(image)
+    for b in range(batch_size):
+        last = int(mask[b].nonzero().max())
+        importance = out.attentions[layer - 1][b, :, last, :].double().mean(0)
+        candidates = image[b].nonzero().flatten()
+        order = torch.sort(-importance[candidates], stable=True).indices[:keep]
+        kept_visual[b, candidates[order]] = True
+    keep_key = ~image | kept_visual
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed_full = causal[None] & mask[:, None, :]
+    allowed_pruned = allowed_full & keep_key[:, None, :]
+    minimum = torch.finfo(torch.float32).min
+    positions = torch.arange(length)[None].expand(batch_size, length)
+    with torch.no_grad():
+        hidden = captured["inputs_embeds"]
+        cos_sin = lm.rotary_emb(hidden, positions)
+        for i, decoder_layer in enumerate(lm.layers):
+            allowed = allowed_full if i < layer else allowed_pruned
+            additive = torch.where(allowed, 0.0, minimum)[:, None]
+            hidden = decoder_layer(hidden, attention_mask=additive, position_embeddings=cos_sin, position_ids=positions)
+        logits = ref.lm_head(lm.norm(hidden))
+    return logits, kept_visual
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("layer, keep", [(2, 4), (1, 7), (3, 1)])
+def test_fastv_matches_masked_eager_reference(model, padding, layer, keep):
+    batch = make_llava_batch(model, LAYOUTS, padding=padding, seed=layer * 10 + keep)
+    expected_logits, expected_kept = reference_fastv(model, batch, layer, keep)
+    handle = apply_compression(model, "fastv", layer=layer, keep=keep)
+    try:
+        with torch.no_grad():
+            out = model(**batch)
+    finally:
+        handle.remove()
+    kept = out.kept_positions
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    image = ids == model.config.image_token_id
+    for b in range(ids.shape[0]):
+        slots = kept[b] >= 0
+        positions = kept[b][slots]
+        assert torch.all(positions[1:] > positions[:-1]), "kept positions sorted and unique"
+        kept_visual = positions[image[b, positions]]
+        assert kept_visual.tolist() == expected_kept[b].nonzero().flatten().tolist()
+        real = mask[b, positions].bool()
+        got = out.logits[b][slots][real]
+        want = expected_logits[b, positions][real]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the pruned length: every text/pad token plus `keep` visual tokens per sample
+    assert out.logits.shape[1] == ids.shape[1] - (16 - keep)
+
+
+def test_ratio_zero_and_remove_reproduce_unpatched(model):
+    batch = make_llava_batch(model, LAYOUTS, padding="left", seed=1)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    handle = apply_compression(model, "fastv", layer=2, ratio=0.5)
+    with torch.no_grad():
+        pruned = model(**batch).logits
+        with handle.override(ratio=0.0):
+            same = model(**batch).logits
+    handle.remove()
+    with torch.no_grad():
+        after = model(**batch).logits
+    assert pruned.shape[1] < expected.shape[1]
+    assert torch.equal(same, expected)
+    assert torch.equal(after, expected)
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert "forward" not in model.model.language_model.__dict__
+
+
+@pytest.mark.parametrize("method, kwargs", [("dart", {}), ("dart", {"image_pivots": 2, "text_pivots": 0}),
+                                            ("random", {"generator": torch.Generator().manual_seed(3)}),
+                                            ("fastv", {"query": "prompt"})])
+@pytest.mark.parametrize("keep", [1, 5, 16])
+def test_methods_keep_exactly_keep_inside_spans(model, method, kwargs, keep):
+    layouts = [[3, "img", 6], [2, "img", 3, "img", 4], [8], [5, "img", 2]]  # two images, and a text-only sample
+    batch = make_llava_batch(model, layouts, padding="right", seed=keep)
+    handle = apply_compression(model, method, layer=2, keep=keep, **kwargs)
+    try:
+        with torch.no_grad():
+            out = model(**batch)
+    finally:
+        handle.remove()
+    ids = batch["input_ids"]
+    image = ids == model.config.image_token_id
+    n_images = [0, 0, 0, 0]
+    for b, layout in enumerate(layouts):
+        n_images[b] = layout.count("img")
+    kept = out.kept_positions
+    for b in range(ids.shape[0]):
+        positions = kept[b][kept[b] >= 0]
+        assert torch.all(positions[1:] > positions[:-1])
+        visual = image[b, positions]
+        assert int(visual.sum()) == (keep if n_images[b] else 0)
+        text = (~image[b]).nonzero().flatten()
+        assert set(text.tolist()) <= set(positions.tolist()), "text tokens are never dropped"
+
+
+def test_random_is_reproducible_with_generator(model):
+    batch = make_llava_batch(model, LAYOUTS, seed=4)
+    results = []
+    for _ in range(2):
+        handle = apply_compression(model, "random", layer=0, keep=5, generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            results.append(model(**batch).kept_positions)
+        handle.remove()
+    assert torch.equal(results[0], results[1])
+
+
+def test_batched_generate_equals_per_sample(model):
+    layouts = [[3, "img", 6], [5, "img", 2], [7, "img", 9]]
+    batch = make_llava_batch(model, layouts, padding="left", seed=5)
+    handle = apply_compression(model, "fastv", layer=2, keep=5)
+    try:
+        with torch.no_grad():
+            batched = model.generate(**batch, max_new_tokens=6, do_sample=False)
+            for b in range(len(layouts)):
+                single = make_llava_batch(model, [layouts[b]], seed=5)
+                real = batch["attention_mask"][b].bool()
+                single["input_ids"] = batch["input_ids"][b, real][None]
+                single["attention_mask"] = torch.ones_like(single["input_ids"])
+                single["pixel_values"] = batch["pixel_values"][b: b + 1]
+                one = model.generate(**single, max_new_tokens=6, do_sample=False)
+                assert torch.equal(batched[b, -6:], one[0, -6:]), f"sample {b}"
+    finally:
+        handle.remove()
+
+
+def test_labels_loss_on_pruned_logits(model):
+    batch = make_llava_batch(model, LAYOUTS, padding="right", seed=6)
+    labels = batch["input_ids"].clone()
+    labels[:, :-4] = -100  # supervise the last tokens only
+    labels[batch["attention_mask"] == 0] = -100
+    handle = apply_compression(model, "fastv", layer=2, keep=4)
+    try:
+        with torch.no_grad():
+            out = model(**batch, labels=labels)
+    finally:
+        handle.remove()
+    kept = out.kept_positions
+    logits = out.logits
+    losses, count = 0.0, 0
+    for b in range(labels.shape[0]):
+        for slot, position in enumerate(kept[b].tolist()):
+            if position < 0 or position + 1 >= labels.shape[1] or labels[b, position + 1] == -100:
+                continue
+            losses += torch.nn.functional.cross_entropy(logits[b, slot][None], labels[b, position + 1][None]).item()
+            count += 1
+    assert count > 0
+    assert abs(out.loss.item() - losses / count) < 1e-5
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_matches(use_reentrant):
+    model = build_tiny_llava(seed=1)
+    model.train()
+    batch = make_llava_batch(model, LAYOUTS, padding="left", seed=7)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        handle = apply_compression(model, "fastv", layer=2, keep=6)
+        model.zero_grad()
+        out = model(**batch, labels=labels)
+        out.loss.backward()
+        handle.remove()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.gradient_checkpointing_disable()
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(method="fastv", layer=0, keep=4), "layer must be an int in"),
+        (dict(method="fastv", layer=4, keep=4), "layer must be an int in"),
+        (dict(method="random", layer=-1, keep=4), "layer must be an int in"),
+        (dict(method="fastv", layer=2, ratio=1.0), r"ratio must be in \[0, 1\)"),
+        (dict(method="fastv", layer=2, ratio=-0.1), r"ratio must be in \[0, 1\)"),
+        (dict(method="fastv", layer=2, ratio=0.5, keep=3), "ratio or keep, not both"),
+        (dict(method="nope", layer=2, keep=3), "unknown compression method 'nope'"),
+        (dict(method="dart", layer=2, keep=3, pivots=2), "dart: bad method arguments"),
+    ],
+)
+def test_bad_settings(model, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        apply_compression(model, **kwargs)
+    assert getattr(model, "_epic_ext_handle", None) is None
+
+
+def test_keep_more_than_visual_tokens(model):
+    batch = make_llava_batch(model, LAYOUTS, seed=8)
+    handle = apply_compression(model, "fastv", layer=2, keep=17)
+    try:
+        with pytest.raises(ValueError, match="keep=17 is more than the 16 visual tokens"):
+            with torch.no_grad():
+                model(**batch)
+    finally:
+        handle.remove()
+
+
+def test_model_without_image_tokens():
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    with pytest.raises(ValueError, match="expected a LLaVA model"):
+        apply_compression(llama, "fastv", layer=1, keep=2)
+
+
+def test_double_patch_is_an_error(model):
+    handle = apply_compression(model, "fastv", layer=2, keep=4)
+    try:
+        with pytest.raises(RuntimeError, match="already patched"):
+            apply_compression(model, "fastv", layer=2, keep=4)
+    finally:
+        handle.remove()
