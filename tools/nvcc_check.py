@@ -4,7 +4,10 @@ Used by `make cuda-check` and by python_tests/test_cuda_sources_compile.py, so t
 compile fails CI even on machines with no GPU and a CPU-only torch (which still ships the CUDA headers of ATen
 and c10). Objects go to a temporary directory and are thrown away; nothing is linked.
 
-Usage: python tools/nvcc_check.py [--arch sm_90] [--jobs 2] [files...]
+It also builds and runs the host self-checks tools/check_*.cu (the pure index/softmax logic of the kernels,
+factored into __host__ __device__ headers, exercised on the CPU against double-precision or naive versions).
+
+Usage: python tools/nvcc_check.py [--arch sm_90] [--jobs 2] [--no-host-checks] [files...]
 """
 
 from __future__ import annotations
@@ -70,11 +73,31 @@ def compile_all(files: list[pathlib.Path], arch: str, jobs: int) -> list[tuple[p
     return results
 
 
+def run_host_checks() -> list[tuple[pathlib.Path, int, str]]:
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for source in sorted((ROOT / "tools").glob("check_*.cu")):
+            binary = pathlib.Path(tmp) / source.stem
+            build = subprocess.run([shutil.which("nvcc") or "nvcc", "-std=c++20", "-O2", f"-I{ROOT / 'csrc' / 'cuda'}",
+                                    f"-I{ROOT / 'csrc'}", "-x", "cu", str(source), "-o", str(binary)],
+                                   capture_output=True, text=True)
+            if build.returncode != 0:
+                results.append((source, build.returncode, build.stdout + build.stderr))
+                print(f"host check {source.name}: BUILD FAILED", flush=True)
+                continue
+            run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
+            results.append((source, run.returncode, run.stdout + run.stderr))
+            tail = (run.stdout.strip().splitlines() or [""])[-1]
+            print(f"host check {source.name}: {'ok' if run.returncode == 0 else 'FAILED'} ({tail})", flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="*", type=pathlib.Path)
     parser.add_argument("--arch", default="sm_90")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--no-host-checks", action="store_true", help="skip building/running tools/check_*.cu")
     args = parser.parse_args(argv)
     if shutil.which("nvcc") is None:
         print("nvcc not found: CUDA sources not compiled", file=sys.stderr)
@@ -84,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA sources found", file=sys.stderr)
         return 1
     results = compile_all([f.resolve() for f in files], args.arch, args.jobs)
-    failed = [r for r in results if r[1] != 0]
-    for source, _, _, output in failed:
+    failed = [(r[0], r[3]) for r in results if r[1] != 0]
+    if not args.no_host_checks and not args.files:
+        failed += [(source, output) for source, rc, output in run_host_checks() if rc != 0]
+    for source, output in failed:
         print(f"---- {source.relative_to(ROOT)} ----\n{output}", file=sys.stderr)
     return 1 if failed else 0
 

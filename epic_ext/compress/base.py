@@ -66,6 +66,13 @@ class Compressor:
         """Returns int64 [B, max_keep]: kept visual positions per sample, ascending, -1 padded at the end."""
         raise NotImplementedError
 
+    def importance_from_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float | None,
+                                  query_positions: torch.Tensor) -> torch.Tensor:
+        """Importance [B, L] fp32 from layer K-1's post-RoPE query [B, Hq, L, D] and key [B, Hkv, L, D], for
+        compressors with needs_importance: softmax mean over heads and the rows at query_positions [B, R]."""
+        rows = ops.gather_tokens(query, query_positions, dim=2)  # [B, Hq, R, D]
+        return ops.attention_importance(rows, key, scale=scaling, query_positions=query_positions)
+
 
 def select_by_score(ctx: LayerContext, scores: torch.Tensor) -> torch.Tensor:
     """The ctx.keep[b] highest `scores` among each sample's visual tokens; ties to the lower position.

@@ -228,7 +228,6 @@ class CompressionHandle:
 
     def _top_pre_hook(self, module, args, kwargs):
         self._inputs.labels = None
-        self.last_kept_positions = None
         if not self._active() or kwargs.get("labels") is None:
             return None
         if len(args) > 1:
@@ -260,6 +259,7 @@ class CompressionHandle:
         return output
 
     def _llava_pre_hook(self, module, args, kwargs):
+        self.last_kept_positions = None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is not None:
             self._inputs.image_mask = input_ids == self._image_token_id
@@ -346,7 +346,7 @@ class _Plan:
         self.device = device
 
 
-def _default_query_positions(attention_mask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+def prompt_query_positions(attention_mask: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """[B, 1]: the last prompt token: the one before the first supervised label, else the last real token."""
     batch, length = attention_mask.shape
     positions = torch.arange(length, device=attention_mask.device).expand(batch, length)
@@ -440,7 +440,7 @@ class _Capture:
         self.compressor = compressor
         explicit = handle._inputs.query_positions
         self.query_positions = (explicit.to(plan.device) if explicit is not None
-                                else _default_query_positions(plan.attention_mask, handle._inputs.labels))
+                                else prompt_query_positions(plan.attention_mask, handle._inputs.labels))
         if compressor.name == "fastv" and getattr(compressor, "query", "last") == "prompt" and explicit is None:
             prompt = _prompt_mask(plan.attention_mask, self.query_positions) & ~plan.image_mask
             length = prompt.shape[1]
@@ -455,9 +455,8 @@ class _Capture:
     def __call__(self, query, key, scaling):
         with torch.no_grad():
             if self.compressor.needs_importance:
-                rows = ops.gather_tokens(query.detach(), self.query_positions, dim=2)  # [B, Hq, R, D]
-                self.importance = ops.attention_importance(
-                    rows, key.detach(), scale=scaling, query_positions=self.query_positions)
+                self.importance = self.compressor.importance_from_attention(
+                    query.detach(), key.detach(), scaling, self.query_positions)
             if self.compressor.needs_key:
                 self.key = key.detach()
 
@@ -468,7 +467,7 @@ def _prune(lm, handle: CompressionHandle, plan: _Plan, capture: _Capture, hidden
     device = hidden_states.device
     attention_mask = plan.attention_mask
     keep = torch.tensor(plan.keep_counts, dtype=torch.long, device=device)
-    query_positions = capture.query_positions if capture is not None else _default_query_positions(
+    query_positions = capture.query_positions if capture is not None else prompt_query_positions(
         attention_mask, handle._inputs.labels)
     ctx = LayerContext(hidden_states=hidden_states, image_mask=plan.image_mask, attention_mask=attention_mask,
                        query_positions=query_positions, prompt_mask=_prompt_mask(attention_mask, query_positions),
