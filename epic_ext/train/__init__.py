@@ -1,0 +1,1 @@
+"""Training: LLaVA-format data, the EPIC distillation loop and its embedded demo task."""

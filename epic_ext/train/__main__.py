@@ -1,0 +1,106 @@
+"""`python -m epic_ext.train`: EPIC training of a LLaVA model with DeepSpeed (see --help).
+
+`--demo` is the embedded default: it writes a synthetic visual QA set (shapes, colours, counts, positions; images
+drawn in code), builds a tiny LLaVA from config with an offline tokenizer and processor, saves both as a llava-hf
+checkpoint directory, and then runs exactly the path a real run takes (from_pretrained on that directory, the
+LLaVA-format JSON, DeepSpeed, TCD) before evaluating the exported model at full and compressed visual tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import sys
+import time
+
+from .config import TrainConfig, parse_args
+
+DEMO_SETTINGS = dict(method="fastv", schedule="tcd", layer=1, min_layer=1, lam=0.7, tau=1.0, lr=1e-3,
+                     micro_batch_size=16, grad_accum=1, warmup_ratio=0.05, freeze_vision=False, zero=2, save_steps=0,
+                     max_length=256, padding_side="right")
+
+
+def prepare_demo(cfg: TrainConfig) -> TrainConfig:
+    """Writes the demo data and the tiny model + processor under cfg.output_dir; returns the run's config."""
+    import torch  # noqa: PLC0415
+
+    from ..models.tiny import build_tiny_llava  # noqa: PLC0415
+    from .demo_data import build_tiny_processor, demo_vocabulary, make_shapes_task  # noqa: PLC0415
+
+    out = pathlib.Path(cfg.output_dir)
+    data_dir, model_dir = out / "demo_data", out / "demo_model"
+    splits = make_shapes_task(data_dir, n_train=1200, n_val=100, n_test=200, seed=cfg.seed)
+    if torch.distributed.is_initialized() is False and int(os.environ.get("RANK", "0")) == 0:
+        processor = build_tiny_processor(demo_vocabulary(), save_dir=model_dir)
+        tokenizer = processor.tokenizer
+        model = build_tiny_llava(seed=cfg.seed, vocab_size=len(tokenizer),
+                                 image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                                 pad_token_id=tokenizer.pad_token_id, hidden=64, text_layers=4)
+        model.save_pretrained(str(model_dir))
+    values = {**json.loads(cfg.to_json()), **DEMO_SETTINGS}
+    values.update(model=str(model_dir), data=splits["train"], image_folder=str(data_dir), demo=True,
+                  max_steps=cfg.demo_steps, eval_data=cfg.eval_data or splits["test"],
+                  eval_keep=cfg.eval_keep or [16, 8, 4, 2])
+    demo_cfg = TrainConfig(**values)
+    demo_cfg.validate()
+    return demo_cfg
+
+
+def run_eval(cfg: TrainConfig, model_dir: str) -> list[dict]:
+    import torch  # noqa: PLC0415
+    from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: PLC0415
+
+    from ..eval import evaluate, format_rows, load_items  # noqa: PLC0415
+    from .data import load_records  # noqa: PLC0415
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    items = load_items(load_records(cfg.eval_data), cfg.image_folder)
+    visual = model.config.image_seq_length
+    keeps = cfg.eval_keep or [visual]
+    settings = [{"method": "fastv", "keep": visual, "layer": cfg.layer}]
+    settings += [{"method": m, "keep": k, "layer": cfg.layer} for k in keeps if k < visual
+                 for m in ("fastv", "dart", "random")]
+    rows = evaluate(model, processor, items, settings, batch_size=32, max_new_tokens=3, device=device,
+                    seed=cfg.seed)
+    print(f"\nexact-match accuracy on {cfg.eval_data} ({len(items)} items), compression at layer {cfg.layer}:")
+    print(format_rows(rows))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = parse_args(argv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if cfg.demo:
+        cfg = prepare_demo(cfg)
+    from .loop import train  # noqa: PLC0415
+
+    started = time.perf_counter()
+    summary = train(cfg)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        last = summary["last"]
+        print(f"\ntrained {summary['total_steps']} steps in {time.perf_counter() - started:.0f} s; last step: "
+              + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
+        if summary["skipped"]:
+            print(f"skipped samples: {summary['skipped']}")
+        if "export" in summary:
+            print(f"exported to {summary['export']}")
+            if cfg.eval_data:
+                run_eval(cfg, summary["export"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

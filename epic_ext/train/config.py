@@ -1,0 +1,184 @@
+"""Command line and configuration of `python -m epic_ext.train`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+from dataclasses import asdict, dataclass, field
+
+from ..compress import available as available_methods
+from ..schedules import SCHEDULES
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class TrainConfig:
+    """Everything one run needs; saved as output_dir/train_config.json."""
+
+    model: str | None = None  # llava-hf checkpoint directory (or None with demo)
+    data: str | None = None  # LLaVA-format JSON / JSONL
+    image_folder: str = "."
+    output_dir: str = "runs/epic"
+    demo: bool = False
+    demo_steps: int = 150
+    # compression and schedule
+    method: str = "fastv"
+    schedule: str = "tcd"
+    ratio: float = 0.778  # target ratio of lcd / fixed
+    layer: int = 2
+    min_layer: int = 2
+    teacher_ratio: float | None = 0.0  # fixed schedule's teacher
+    schedule_constants: dict = field(default_factory=dict)  # overrides of ScheduleConfig fields
+    lam: float = 0.7
+    tau: float = 1.0
+    # optimisation
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-5
+    vision_lr: float | None = None
+    projector_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    freeze_vision: bool = True
+    freeze_projector: bool = False
+    freeze_llm: bool = False
+    # system
+    zero: int = 2
+    deepspeed_config: str | None = None
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    max_length: int = 2048
+    pad_to_square: bool = False
+    on_bad_image: str = "skip"
+    padding_side: str = "right"
+    save_steps: int = 0
+    keep_checkpoints: int = 2
+    resume: str | None = None  # a checkpoint directory, or "auto": the latest in output_dir/checkpoints
+    export: bool = True
+    seed: int = 0
+    log_steps: int = 1
+    num_workers: int = 0
+    eval_data: str | None = None
+    eval_keep: list[int] = field(default_factory=list)
+    stop_after_steps: int = 0  # testing aid: exit (as if killed) after this many steps
+
+    def validate(self) -> None:
+        if not self.demo and (self.model is None or self.data is None):
+            raise ValueError("--model and --data are required (or --demo)")
+        if self.method not in available_methods():
+            raise ValueError(f"--method must be one of {available_methods()}, got {self.method!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.zero not in (0, 1, 2, 3):
+            raise ValueError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
+        if self.on_bad_image not in ("skip", "error"):
+            raise ValueError(f"--on-bad-image must be 'skip' or 'error', got {self.on_bad_image!r}")
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"--padding-side must be 'left' or 'right', got {self.padding_side!r}")
+        for name in ("micro_batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"--ratio must be in [0, 1), got {self.ratio}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"--lam must be in [0, 1], got {self.lam}")
+        if self.tau <= 0:
+            raise ValueError(f"--tau must be > 0, got {self.tau}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("give --epochs > 0 or --max-steps > 0")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The bundled ZeRO config (or the user's file) with "auto" entries filled from cfg."""
+    path = pathlib.Path(cfg.deepspeed_config) if cfg.deepspeed_config else CONFIG_DIR / f"zero{cfg.zero}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--deepspeed-config: {path} does not exist")
+    ds = json.loads(path.read_text())
+    fill = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.max_grad_norm,
+    }
+    for key, value in fill.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    ds["train_batch_size"] = cfg.micro_batch_size * cfg.grad_accum * world_size
+    bf16 = ds.setdefault("bf16", {})
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = cfg.bf16
+    ds.pop("optimizer", None)  # the optimizer (parameter groups with their own learning rates) is ours
+    ds.pop("scheduler", None)
+    return ds
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    defaults = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m epic_ext.train",
+                                description="EPIC training: TCD / LCD self-distillation of a LLaVA model with DeepSpeed.")
+    p.add_argument("--demo", action="store_true", help="run the embedded demo (synthetic data, tiny LLaVA)")
+    p.add_argument("--demo-steps", type=int, default=defaults.demo_steps)
+    p.add_argument("--model", help="llava-hf checkpoint directory (LlavaForConditionalGeneration + processor)")
+    p.add_argument("--data", help="LLaVA-format JSON or JSONL (id, image, conversations)")
+    p.add_argument("--image-folder", default=defaults.image_folder)
+    p.add_argument("--output-dir", default=defaults.output_dir)
+    p.add_argument("--method", default=defaults.method, help=f"one of {available_methods()}")
+    p.add_argument("--schedule", default=defaults.schedule, choices=SCHEDULES)
+    p.add_argument("--ratio", type=float, default=defaults.ratio, help="target ratio (lcd, fixed)")
+    p.add_argument("--layer", type=int, default=defaults.layer, help="compression layer K (tcd, fixed)")
+    p.add_argument("--min-layer", type=int, default=defaults.min_layer, help="shallowest layer of lcd")
+    p.add_argument("--teacher-ratio", type=float, default=defaults.teacher_ratio,
+                   help="teacher ratio of the fixed schedule (default 0: all tokens)")
+    p.add_argument("--schedule-constants", type=json.loads, default={},
+                   help='JSON overrides of ScheduleConfig fields, e.g. \'{"gap_max": 0.2}\'')
+    p.add_argument("--lam", type=float, default=defaults.lam, help="KD weight lambda (0 = plain SFT)")
+    p.add_argument("--tau", type=float, default=defaults.tau, help="distillation temperature")
+    p.add_argument("--epochs", type=float, default=defaults.epochs)
+    p.add_argument("--max-steps", type=int, default=defaults.max_steps)
+    p.add_argument("--micro-batch-size", type=int, default=defaults.micro_batch_size)
+    p.add_argument("--grad-accum", type=int, default=defaults.grad_accum)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--vision-lr", type=float, default=None)
+    p.add_argument("--projector-lr", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio)
+    p.add_argument("--min-lr-ratio", type=float, default=defaults.min_lr_ratio)
+    p.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm)
+    p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=defaults.freeze_vision)
+    p.add_argument("--freeze-projector", action=argparse.BooleanOptionalAction, default=defaults.freeze_projector)
+    p.add_argument("--freeze-llm", action=argparse.BooleanOptionalAction, default=defaults.freeze_llm)
+    p.add_argument("--zero", type=int, default=defaults.zero, help="bundled DeepSpeed ZeRO config: 0, 1, 2 or 3")
+    p.add_argument("--deepspeed-config", help="your own DeepSpeed JSON ('auto' entries are filled in)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=defaults.bf16)
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   default=defaults.gradient_checkpointing)
+    p.add_argument("--max-length", type=int, default=defaults.max_length)
+    p.add_argument("--pad-to-square", action=argparse.BooleanOptionalAction, default=defaults.pad_to_square)
+    p.add_argument("--on-bad-image", choices=("skip", "error"), default=defaults.on_bad_image)
+    p.add_argument("--padding-side", choices=("left", "right"), default=defaults.padding_side)
+    p.add_argument("--save-steps", type=int, default=defaults.save_steps, help="checkpoint every N steps (0: end)")
+    p.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints)
+    p.add_argument("--resume", help="checkpoint directory, or 'auto' for the latest under OUTPUT_DIR/checkpoints")
+    p.add_argument("--export", action=argparse.BooleanOptionalAction, default=defaults.export,
+                   help="save_pretrained the final model and processor to OUTPUT_DIR/final")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--log-steps", type=int, default=defaults.log_steps)
+    p.add_argument("--num-workers", type=int, default=defaults.num_workers)
+    p.add_argument("--eval-data", help="LLaVA-format QA file evaluated after training (exact match)")
+    p.add_argument("--eval-keep", type=int, nargs="*", default=[], help="visual tokens kept in the evaluation")
+    p.add_argument("--stop-after-steps", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    values = vars(args)
+    values.pop("local_rank", None)  # the deepspeed launcher adds it; LOCAL_RANK in the environment is what we use
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,365 @@
+"""The DeepSpeed training loop of `python -m epic_ext.train`.
+
+One process or many (the `deepspeed` launcher or torchrun; multi-node through the same launchers). Each optimizer
+step: the schedule gives the student's and teacher's compression, GRAD_ACCUM micro-batches are drawn, their
+supervised tokens are counted over every rank (so the loss is normalised as for one big batch), and each
+micro-batch runs epic_ext.distill.distillation_loss through the DeepSpeed engine.
+
+Checkpoints hold the DeepSpeed engine state plus the sampler position, the RNG states of every rank and the
+step; resuming continues with exactly the batches, schedule draws and losses of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import pathlib
+import random
+import shutil
+import socket
+import time
+
+import numpy as np
+import torch
+
+from ..distill import DistillConfig, distillation_loss, shifted_targets
+from ..models import apply_compression
+from ..schedules import ScheduleConfig, compression_at
+from .config import TrainConfig, deepspeed_config
+
+_logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------- distributed --
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed():
+    """Initialises torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU). Returns (rank, world, device)."""
+    import deepspeed  # noqa: PLC0415
+
+    if "RANK" not in os.environ:  # a plain `python -m epic_ext.train`: a world of one
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+    use_cuda = torch.cuda.is_available()
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def _all_reduce(value: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+    return value
+
+
+# ------------------------------------------------------------------------------------------------------ data --
+class Sampler:
+    """Deterministic epoch permutations (seed + epoch), sharded by rank; the cursor is the checkpointed position."""
+
+    def __init__(self, size: int, rank: int, world: int, seed: int):
+        if size < world:
+            raise ValueError(f"the dataset has {size} samples, fewer than the {world} processes")
+        self.size, self.rank, self.world, self.seed = size, rank, world, seed
+        self.epoch, self.offset = 0, 0
+        self._order = self._shard(0)
+
+    def _shard(self, epoch: int) -> list[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        usable = self.size - self.size % self.world
+        return order[:usable][self.rank :: self.world]
+
+    def take(self, count: int) -> list[int]:
+        out = []
+        while len(out) < count:
+            if self.offset >= len(self._order):
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._order = self._shard(self.epoch)
+            out.append(self._order[self.offset])
+            self.offset += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.offset = state["epoch"], state["offset"]
+        self._order = self._shard(self.epoch)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------- model --
+def _param_groups(model, cfg: TrainConfig) -> list[dict]:
+    llava = model.model
+    parts = {
+        "vision": (list(llava.vision_tower.parameters()), cfg.freeze_vision, cfg.vision_lr or cfg.lr),
+        "projector": (list(llava.multi_modal_projector.parameters()), cfg.freeze_projector, cfg.projector_lr or cfg.lr),
+        "llm": (list(llava.language_model.parameters()) + list(model.lm_head.parameters()), cfg.freeze_llm, cfg.lr),
+    }
+    groups = []
+    for name, (params, frozen, lr) in parts.items():
+        for p in params:
+            p.requires_grad_(not frozen)
+        if frozen:
+            continue
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        for subset, wd, suffix in ((decay, cfg.weight_decay, ""), (no_decay, 0.0, "_no_decay")):
+            if subset:
+                groups.append({"params": subset, "lr": lr, "weight_decay": wd, "name": name + suffix})
+    if not groups:
+        raise ValueError("every part of the model is frozen: nothing to train")
+    return groups
+
+
+def _lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
+    warmup = max(int(math.ceil(warmup_ratio * total_steps)), 0)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(total_steps - warmup, 1)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def load_model_and_processor(cfg: TrainConfig):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: PLC0415
+
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    model = LlavaForConditionalGeneration.from_pretrained(cfg.model, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(cfg.model)
+    return model, processor
+
+
+def _peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+# ------------------------------------------------------------------------------------------------------ train --
+def train(cfg: TrainConfig) -> dict:
+    """Runs the training described by cfg; returns a summary (last metrics, skipped samples, export path)."""
+    import deepspeed  # noqa: PLC0415
+
+    from .data import LlavaDataset, collate, load_records  # noqa: PLC0415
+
+    rank, world, device = init_distributed()
+    out_dir = pathlib.Path(cfg.output_dir)
+    ckpt_root = out_dir / "checkpoints"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "train_config.json").write_text(cfg.to_json())
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    model, processor = load_model_and_processor(cfg)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    groups = _param_groups(model, cfg)
+    handle = apply_compression(model, cfg.method, layer=cfg.layer, ratio=cfg.ratio)
+    records = load_records(cfg.data)
+    dataset = LlavaDataset(records, cfg.image_folder, processor, max_length=cfg.max_length,
+                           pad_to_square=cfg.pad_to_square, on_bad_image=cfg.on_bad_image)
+    pad_id = processor.tokenizer.pad_token_id
+    sampler = Sampler(len(dataset), rank, world, cfg.seed)
+    per_step = cfg.micro_batch_size * cfg.grad_accum
+    steps_per_epoch = max(len(dataset) // (per_step * world), 1)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(int(math.ceil(cfg.epochs * steps_per_epoch)), 1)
+    num_layers = model.config.text_config.num_hidden_layers
+    schedule = ScheduleConfig(kind=cfg.schedule, num_layers=num_layers, layer=cfg.layer,
+                              min_layer=min(cfg.min_layer, num_layers), target_ratio=cfg.ratio,
+                              teacher_ratio=cfg.teacher_ratio, seed=cfg.seed, **cfg.schedule_constants)
+    distill = DistillConfig(lam=cfg.lam, tau=cfg.tau)
+
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, cfg.warmup_ratio,
+                                                                        cfg.min_lr_ratio))
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=deepspeed_config(cfg, world))
+    start_step = 0
+    if cfg.resume:
+        auto = cfg.resume == "auto"
+        start_step = _resume(engine, sampler, ckpt_root if auto else pathlib.Path(cfg.resume), rank, auto=auto)
+
+    writer = None
+    metrics_file = None
+    progress = None
+    if rank == 0:
+        metrics_file = (out_dir / "metrics.jsonl").open("a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+
+            writer = SummaryWriter(str(out_dir / "tensorboard"))
+        except ImportError:
+            _logger.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        progress = tqdm(total=total_steps, initial=start_step, desc=f"{cfg.schedule} {cfg.method}", unit="step",
+                        dynamic_ncols=True)
+
+    def next_batch():
+        while True:
+            batch = collate([dataset[i] for i in sampler.take(cfg.micro_batch_size)], pad_id,
+                            padding_side=cfg.padding_side)
+            if batch is not None:
+                return batch
+
+    last = {}
+    engine.train()
+    for step in range(start_step, total_steps):
+        started = time.perf_counter()
+        comp = compression_at(step, total_steps, schedule)
+        generator = getattr(handle.settings.compressor, "generator", None)
+        if generator is not None:
+            generator.manual_seed(cfg.seed * 7919 + step)  # random compression: resume-exact
+        micro_batches = [next_batch() for _ in range(cfg.grad_accum)]
+        image_token = model.config.image_token_id
+        local_tokens = sum(int((shifted_targets(b["labels"]).masked_fill(b["input_ids"] == image_token, -100)
+                                != -100).sum()) for b in micro_batches)
+        global_tokens = float(_all_reduce(torch.tensor(float(local_tokens), device=device)))
+        normalizer = global_tokens / (world * cfg.grad_accum)
+        sums = torch.zeros(3, device=device)
+        seen_tokens = 0
+        for batch in micro_batches:
+            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            if batch.get("pixel_values") is not None:
+                batch["pixel_values"] = batch["pixel_values"].to(engine.module.dtype)
+            out = distillation_loss(engine.module, handle, batch, comp, distill, normalizer)
+            engine.backward(out["loss"])
+            engine.step()
+            sums += torch.stack([out["sft_sum"].float(), out["kd_sum"].float(), out["tokens"].float()])
+            seen_tokens += int(batch["attention_mask"].sum())
+        sums = _all_reduce(sums)
+        tokens = max(float(sums[2]), 1.0)
+        sft, kd = float(sums[0]) / tokens, float(sums[1]) / tokens
+        grad_norm = engine.get_global_grad_norm()
+        elapsed = time.perf_counter() - started
+        last = {"step": step + 1, "sft_loss": sft, "kd_loss": kd, "loss": (1 - cfg.lam) * sft + cfg.lam * kd,
+                "student_ratio": comp.student_ratio, "teacher_ratio": comp.teacher_ratio,
+                "student_layer": comp.student_layer, "teacher_layer": comp.teacher_layer,
+                "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_s": seen_tokens * world / elapsed, "peak_memory_mb": _peak_memory_mb(device),
+                "step_time_s": elapsed}
+        if rank == 0:
+            progress.update(1)
+            progress.set_postfix(loss=f"{last['loss']:.4f}", ratio=f"{comp.student_ratio:.2f}",
+                                 layer=comp.student_layer)
+            if (step + 1) % cfg.log_steps == 0 or step + 1 == total_steps:
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
+                if writer is not None:
+                    for key, value in last.items():
+                        if key != "step" and value is not None:
+                            writer.add_scalar(f"train/{key}", value, step + 1)
+        done = step + 1 == total_steps
+        if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or (done and cfg.save_steps):
+            _save(engine, sampler, ckpt_root, step + 1, rank, cfg.keep_checkpoints)
+        if cfg.stop_after_steps and step + 1 == cfg.stop_after_steps:
+            _logger.warning("stopping after %d steps as asked (--stop-after-steps)", step + 1)
+            break
+    if rank == 0:
+        progress.close()
+        metrics_file.close()
+        if writer is not None:
+            writer.close()
+    summary = {"last": last, "skipped": dict(dataset.skipped), "total_steps": total_steps}
+    finished = not (cfg.stop_after_steps and cfg.stop_after_steps < total_steps)
+    if cfg.export and finished:
+        summary["export"] = str(_export(engine, handle, processor, out_dir / "final", cfg, rank))
+    if rank == 0 and sum(dataset.skipped.values()):
+        _logger.warning("skipped samples: %s", dict(dataset.skipped))
+    return summary
+
+
+def _save(engine, sampler: Sampler, root: pathlib.Path, step: int, rank: int, keep: int) -> None:
+    tag = f"step{step:07d}"
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
+    torch.save({"sampler": sampler.state(), "rng": _rng_state(), "step": step}, root / tag / f"epic_rank{rank}.pt")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank == 0 and keep > 0:
+        tags = sorted(p for p in root.glob("step*") if p.is_dir())
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _resume(engine, sampler: Sampler, path: pathlib.Path, rank: int, auto: bool = False) -> int:
+    """Loads the checkpoint at path (a step directory, or a root whose latest step is taken). Returns its step."""
+    if path.is_dir() and path.name.startswith("step"):
+        root, tag = path.parent, path.name
+    else:
+        root = path
+        latest = root / "latest"
+        tags = sorted(p.name for p in root.glob("step*") if p.is_dir()) if root.is_dir() else []
+        if latest.is_file():
+            tag = latest.read_text().strip()
+        elif tags:
+            tag = tags[-1]
+        elif auto:
+            return 0
+        else:
+            raise FileNotFoundError(f"--resume: no checkpoint under {root}")
+    loaded, _ = engine.load_checkpoint(str(root), tag=tag)
+    if loaded is None:
+        raise FileNotFoundError(f"--resume: DeepSpeed could not load {root / tag}")
+    state = torch.load(root / tag / f"epic_rank{rank}.pt", weights_only=False)
+    sampler.load(state["sampler"])
+    _set_rng_state(state["rng"])
+    _logger.info("resumed from %s at step %d", root / tag, state["step"])
+    return int(state["step"])
+
+
+def _export(engine, handle, processor, target: pathlib.Path, cfg: TrainConfig, rank: int) -> pathlib.Path:
+    """save_pretrained of the trained weights (gathered under ZeRO-3) and the processor, loadable by
+    LlavaForConditionalGeneration.from_pretrained / AutoProcessor.from_pretrained."""
+    if engine.zero_optimization_stage() == 3:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state_dict = engine.module.state_dict()
+    if rank == 0:
+        handle.remove()  # export the plain model class and config
+        model = engine.module
+        with contextlib.suppress(AttributeError):
+            model.config.use_cache = True
+        model.save_pretrained(str(target), state_dict=state_dict, safe_serialization=True)
+        processor.save_pretrained(str(target))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return target
