@@ -109,8 +109,10 @@ def evaluate(model, processor, items: list[dict], settings: Sequence[dict], *, b
         for ok, item in zip(correct, items):
             families.setdefault(item["family"], []).append(ok)
         kept = shape.visual_tokens if full else int(keep)
-        cost = efficiency.report(shape, keeps=[kept], layer=layer if not full else max(layer, 1), text_tokens=32,
-                                 dtype="fp32" if model.dtype == torch.float32 else "bf16", method=method)[0]
+        # without compression the layer is irrelevant: any valid one gives the uncompressed cost
+        cost = efficiency.report(shape, keeps=[kept], layer=0 if full else layer, text_tokens=32,
+                                 dtype="fp32" if model.dtype == torch.float32 else "bf16",
+                                 method="random" if full else method)[0]
         rows.append({"method": "none" if full else method, "layer": None if full else layer, "keep": kept,
                      "n": len(items), "accuracy": 100.0 * sum(correct) / max(len(correct), 1),
                      "families": {k: 100.0 * sum(v) / len(v) for k, v in sorted(families.items())},
@@ -122,12 +124,12 @@ def evaluate(model, processor, items: list[dict], settings: Sequence[dict], *, b
 def format_rows(rows: list[dict]) -> str:
     families = sorted({f for r in rows for f in r["families"]})
     head = f"{'method':<8} {'layer':>5} {'keep':>5} {'n':>5} {'acc %':>7} " + " ".join(f"{f[:8]:>8}" for f in families)
-    head += f" {'TFLOPs':>9} {'KV MB':>9}"
+    head += f" {'GFLOPs':>10} {'KV MB':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         fam = " ".join(f"{r['families'].get(f, float('nan')):>8.1f}" for f in families)
         lines.append(f"{r['method']:<8} {str(r['layer'] if r['layer'] is not None else '-'):>5} {r['keep']:>5} "
-                     f"{r['n']:>5} {r['accuracy']:>7.1f} {fam} {r['prefill_tflops_exact']:>9.4f} {r['kv_mb']:>9.3f}")
+                     f"{r['n']:>5} {r['accuracy']:>7.1f} {fam} {1000 * r['prefill_tflops_exact']:>10.4g} {r['kv_mb']:>9.4g}")
     return "\n".join(lines)
 
 

@@ -232,7 +232,7 @@ def train(cfg: TrainConfig) -> dict:
         from tqdm.auto import tqdm  # noqa: PLC0415
 
         progress = tqdm(total=total_steps, initial=start_step, desc=f"{cfg.schedule} {cfg.method}", unit="step",
-                        dynamic_ncols=True)
+                        dynamic_ncols=True, mininterval=1.0)
 
     def next_batch():
         while True:
