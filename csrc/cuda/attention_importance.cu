@@ -39,6 +39,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "common.cuh"
 #include "epic_ext.h"
 
 namespace epic_ext {
@@ -73,9 +74,7 @@ struct AttnParams {
   bool vec;
 };
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+using dev::to_float;
 
 // The 16 / sizeof(T) elements of one 16-byte load, in fp32, using register operations only (no byte addressing
 // into the loaded value, which would put it in local memory).

@@ -31,6 +31,7 @@
 #include <limits>
 #include <vector>
 
+#include "common.cuh"
 #include "epic_ext.h"
 #include "token_keys.cuh"
 
@@ -193,19 +194,12 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------------------------
 // Backward, step 2: every destination row sums its sources (ascending k) in Acc and is written once.
 
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
+// Accumulation type: fp32 for fp32/bf16/fp16, fp64 for fp64.
 template <typename T>
-__device__ __forceinline__ T from_acc(float x);
-template <>
-__device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ float to_acc(T x) { return dev::to_float(x); }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+template <typename T>
+__device__ __forceinline__ T from_acc(float x) { return dev::from_float<T>(x); }
 template <typename T>
 __device__ __forceinline__ T from_acc(double x) { return x; }
 

@@ -31,6 +31,7 @@
 #include <limits>
 #include <tuple>
 
+#include "common.cuh"
 #include "epic_ext.h"
 #include "token_keys.cuh"
 
@@ -45,9 +46,7 @@ constexpr int kMaxThreads = 1024;
 constexpr int64_t kMaxBlockSpan = 8192;
 constexpr int kKeyThreads = 256;
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+using dev::to_float;
 
 // One block per sample. Shared memory: keys [padded] uint64, then flags [span_length] uint8.
 // padded = power of two >= max(span_length, 64); blockDim.x = min(padded / 2, kMaxThreads) (a multiple of 32).

@@ -24,6 +24,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common.cuh"
 #include "epic_ext.h"
 #include "kl_state.cuh"
 
@@ -48,18 +49,8 @@ constexpr int kBackwardThreads = 256;
 
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+using dev::from_float;
+using dev::to_float;
 
 // kChunk consecutive elements, p 16-byte aligned. kStreaming marks the line evict-first in L2: used for data that
 // is read for the last time (the gradient sweep, the backward) so it does not push out rows still awaiting their
