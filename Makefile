@@ -41,7 +41,7 @@ demo: build
 	$(VPY) -m epic_ext.train --demo --output-dir runs/demo
 
 bench: build
-	$(VPY) -m pytest bench -p no:cacheprovider --benchmark-disable-gc -s $(PYTEST_ARGS)
+	$(VPY) -m pytest bench -o python_files="bench_*.py" -p no:cacheprovider --benchmark-disable-gc -s $(PYTEST_ARGS)
 
 # Compile every CUDA source with nvcc -c (also run as a test by `make test`).
 cuda-check: $(DEPS_STAMP)
