@@ -17,7 +17,8 @@ import time
 
 from .config import TrainConfig, parse_args
 
-DEMO_SETTINGS = dict(method="fastv", schedule="tcd", layer=1, min_layer=1, lam=0.7, tau=1.0, lr=1e-3,
+DEMO_IMAGE_SIZE = 112  # 64 visual tokens of 14 px
+DEMO_SETTINGS = dict(method="fastv", schedule="tcd", layer=1, min_layer=1, lam=0.7, tau=1.0, lr=7e-4,
                      micro_batch_size=16, grad_accum=1, warmup_ratio=0.05, freeze_vision=False, zero=2, save_steps=0,
                      max_length=256, padding_side="right")
 
@@ -31,18 +32,23 @@ def prepare_demo(cfg: TrainConfig) -> TrainConfig:
 
     out = pathlib.Path(cfg.output_dir)
     data_dir, model_dir = out / "demo_data", out / "demo_model"
-    splits = make_shapes_task(data_dir, n_train=1200, n_val=100, n_test=200, seed=cfg.seed)
+    image_size = int(os.environ.get("EPIC_DEMO_IMAGE_SIZE", DEMO_IMAGE_SIZE))
+    splits = make_shapes_task(data_dir, n_train=1200, n_val=100, n_test=200, seed=cfg.seed, image_size=image_size)
     if torch.distributed.is_initialized() is False and int(os.environ.get("RANK", "0")) == 0:
-        processor = build_tiny_processor(demo_vocabulary(), save_dir=model_dir)
+        processor = build_tiny_processor(demo_vocabulary(), image_size=image_size, save_dir=model_dir)
         tokenizer = processor.tokenizer
         model = build_tiny_llava(seed=cfg.seed, vocab_size=len(tokenizer),
                                  image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                                 pad_token_id=tokenizer.pad_token_id, hidden=64, text_layers=4)
+                                 pad_token_id=tokenizer.pad_token_id, hidden=64, text_layers=4,
+                                 image_size=image_size)
         model.save_pretrained(str(model_dir))
-    values = {**json.loads(cfg.to_json()), **DEMO_SETTINGS}
+    # demo settings replace defaults only: anything given on the command line wins
+    defaults = json.loads(TrainConfig().to_json())
+    values = json.loads(cfg.to_json())
+    values.update({k: v for k, v in DEMO_SETTINGS.items() if values[k] == defaults[k]})
     values.update(model=str(model_dir), data=splits["train"], image_folder=str(data_dir), demo=True,
                   max_steps=cfg.demo_steps, eval_data=cfg.eval_data or splits["test"],
-                  eval_keep=cfg.eval_keep or [16, 8, 4, 2])
+                  eval_keep=cfg.eval_keep)
     demo_cfg = TrainConfig(**values)
     demo_cfg.validate()
     return demo_cfg
@@ -61,7 +67,7 @@ def run_eval(cfg: TrainConfig, model_dir: str) -> list[dict]:
     processor = AutoProcessor.from_pretrained(model_dir)
     items = load_items(load_records(cfg.eval_data), cfg.image_folder)
     visual = model.config.image_seq_length
-    keeps = cfg.eval_keep or [visual]
+    keeps = cfg.eval_keep or [visual, visual // 2, visual // 4, visual // 8]
     settings = [{"method": "fastv", "keep": visual, "layer": cfg.layer}]
     settings += [{"method": m, "keep": k, "layer": cfg.layer} for k in keeps if k < visual
                  for m in ("fastv", "dart", "random")]

@@ -22,7 +22,7 @@ class TrainConfig:
     image_folder: str = "."
     output_dir: str = "runs/epic"
     demo: bool = False
-    demo_steps: int = 150
+    demo_steps: int = 1500
     # compression and schedule
     method: str = "fastv"
     schedule: str = "tcd"
