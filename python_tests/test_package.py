@@ -37,3 +37,12 @@ def test_missing_extension_imports_and_ops_say_how_to_build():
     assert "ERROR epic_ext: the compiled extension epic_ext._C could not be loaded" in proc.stdout
     assert "pip install --no-build-isolation" in proc.stdout
     assert "could not be loaded" in proc.stderr  # and the import logged why
+
+
+def test_ops_showcase_runs(capsys):
+    from epic_ext import demo
+
+    assert demo.main(["--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "kept set equals fp64 reference: True" in out
+    assert "speed-up" in out
