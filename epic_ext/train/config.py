@@ -63,7 +63,6 @@ class TrainConfig:
     export: bool = True
     seed: int = 0
     log_steps: int = 1
-    num_workers: int = 0
     eval_data: str | None = None
     eval_keep: list[int] = field(default_factory=list)
     stop_after_steps: int = 0  # testing aid: exit (as if killed) after this many steps
@@ -171,7 +170,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    help="save_pretrained the final model and processor to OUTPUT_DIR/final")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--log-steps", type=int, default=defaults.log_steps)
-    p.add_argument("--num-workers", type=int, default=defaults.num_workers)
     p.add_argument("--eval-data", help="LLaVA-format QA file evaluated after training (exact match)")
     p.add_argument("--eval-keep", type=int, nargs="*", default=[], help="visual tokens kept in the evaluation")
     p.add_argument("--stop-after-steps", type=int, default=0, help=argparse.SUPPRESS)
