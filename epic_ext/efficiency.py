@@ -200,7 +200,7 @@ def report(model="llava-1.5-7b", keeps: Sequence[int] | None = None, layer: int 
     for keep in keeps:
         if not (isinstance(keep, int) and 0 <= keep <= n_visual):
             raise ValueError(f"keep must be in [0, {n_visual}] (visual tokens per image of {shape.name}), got {keep!r}")
-    low = get_compressor(method).min_layer  # scoring methods read layer K-1
+    low = get_compressor(method).min_layer
     if not isinstance(layer, int) or not (low <= layer < shape.layers):
         raise ValueError(f"layer must be in [{low}, {shape.layers - 1}] for method {method!r} on {shape.name} "
                          f"({shape.layers} decoder layers), got {layer!r}")

@@ -105,10 +105,10 @@ def test_bad_input_names_the_argument(capsys):
         model_shape("llava-2-7b")
     with pytest.raises(ValueError, match=r"keep must be in \[0, 576\]"):
         report(keeps=[577])
-    with pytest.raises(ValueError, match=r"layer must be in \[1, 31\]"):
+    with pytest.raises(ValueError, match=r"layer must be in \[0, 31\]"):
         report(layer=32)
-    with pytest.raises(ValueError, match=r"layer must be in \[1, 31\]"):
-        report(layer=0)  # FastV scores with layer K-1
+    with pytest.raises(ValueError, match=r"layer must be in \[0, 31\]"):
+        report(layer=-1)
     with pytest.raises(ValueError, match="layer must be in"):
         kv_cache_bytes(SMALL, 10, 6, layer=3, kept_visual=2, dtype_bytes=2)
     with pytest.raises(ValueError, match="kept_visual"):

@@ -48,7 +48,7 @@ def reference_fastv(model, batch, layer, keep):
     kept_visual = torch.zeros_like(image)
     for b in range(batch_size):
         last = int(mask[b].nonzero().max())
-        importance = out.attentions[layer - 1][b, :, last, :].double().mean(0)
+        importance = out.attentions[max(layer - 1, 0)][b, :, last, :].double().mean(0)  # K=0: layer 0 itself
         candidates = image[b].nonzero().flatten()
         order = torch.sort(-importance[candidates], stable=True).indices[:keep]
         kept_visual[b, candidates[order]] = True
@@ -70,7 +70,7 @@ def reference_fastv(model, batch, layer, keep):
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
-@pytest.mark.parametrize("layer, keep", [(2, 4), (1, 7), (3, 1)])
+@pytest.mark.parametrize("layer, keep", [(2, 4), (1, 7), (3, 1), (0, 5)])
 def test_fastv_matches_masked_eager_reference(model, padding, layer, keep):
     batch = make_llava_batch(model, LAYOUTS, padding=padding, seed=layer * 10 + keep)
     expected_logits, expected_kept = reference_fastv(model, batch, layer, keep)
@@ -223,7 +223,7 @@ def test_gradient_checkpointing_matches(use_reentrant):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(method="fastv", layer=0, keep=4), "layer must be an int in"),
+        (dict(method="dart", layer=-1, keep=4), "layer must be an int in"),
         (dict(method="fastv", layer=4, keep=4), "layer must be an int in"),
         (dict(method="random", layer=-1, keep=4), "layer must be an int in"),
         (dict(method="fastv", layer=2, ratio=1.0), r"ratio must be in \[0, 1\)"),

@@ -60,7 +60,7 @@ class Compressor:
     name: str = ""
     needs_importance: bool = False  # FastV-style attention scores from layer K-1's query rows
     needs_key: bool = False  # layer K-1's post-RoPE keys
-    min_layer: int = 1  # the first layer K it can prune at (scoring reads layer K-1)
+    min_layer: int = 0  # the first layer K it can prune at (at K = 0 scoring reads layer 0's own attention)
 
     def select(self, ctx: LayerContext) -> torch.Tensor:
         """Returns int64 [B, max_keep]: kept visual positions per sample, ascending, -1 padded at the end."""

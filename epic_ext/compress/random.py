@@ -9,10 +9,9 @@ from .base import Compressor, LayerContext, select_by_score
 
 class RandomCompressor(Compressor):
     """Uniformly random subset of each sample's visual tokens, from the caller's torch.Generator when given
-    (apply_compression(..., generator=g)), so that runs are reproducible. Can prune before layer 0."""
+    (apply_compression(..., generator=g)), so that runs are reproducible."""
 
     name = "random"
-    min_layer = 0
 
     def __init__(self, generator: torch.Generator | None = None):
         if generator is not None and not isinstance(generator, torch.Generator):

@@ -6,7 +6,7 @@ How it hooks in (each choice answers a pitfall listed in shared/NOTES-transforme
   embedding.
 - The language model's `forward` is replaced on the instance (not the class, not the decoder layers, so gradient
   checkpointing and output capture keep working) by a loop equal to LlamaModel.forward plus two steps: at layer
-  K-1 the scoring hook, at layer K the pruning.
+  K-1 the scoring hook, at layer K the pruning (K = 0: a dry call of layer 0's attention scores first).
 - Scoring reads layer K-1's post-RoPE query and key inside the model's own attention call: the text model's
   attention implementation is set to a registered wrapper ("epic_ext_sdpa", ...) around the original one (SDPA,
   flash, eager), with the original's mask function registered under the new name; a keyword given only to layer
@@ -288,7 +288,7 @@ def _validate_layer(layer, num_layers: int, compressor: Compressor) -> None:
     if not isinstance(layer, int) or not (compressor.min_layer <= layer < num_layers):
         raise ValueError(
             f"apply_compression: layer must be an int in [{compressor.min_layer}, {num_layers - 1}] for method "
-            f"{compressor.name!r} (the model has {num_layers} decoder layers; the method scores with layer K-1), "
+            f"{compressor.name!r} (the model has {num_layers} decoder layers), "
             f"got {layer!r}")
 
 
@@ -406,6 +406,14 @@ def _make_language_model_forward(handle: CompressionHandle):
         capture = _Capture(handle, plan, position_ids) if plan.prune else None
         prune_layer = plan.layer if plan.prune else handle.settings.layer
 
+        if capture is not None and prune_layer == 0 and capture.wants_attention:
+            # K = 0: nothing has run yet, so score with layer 0's own attention on the unpruned sequence in a dry
+            # call (output discarded; costs one extra attention layer).
+            first = self.layers[0]
+            with torch.no_grad():
+                first.self_attn(hidden_states=first.input_layernorm(hidden_states), attention_mask=causal_mask,
+                                position_embeddings=position_embeddings, position_ids=position_ids,
+                                past_key_values=None, **{CAPTURE_KWARG: capture})
         for layer_idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             if plan.prune and layer_idx == prune_layer:
                 hidden_states, position_ids, position_embeddings, causal_mask = _prune(
@@ -509,7 +517,8 @@ def apply_compression(model, method: str = "fastv", layer: int = 2, ratio: float
     Args:
         model: transformers LlavaForConditionalGeneration (or LlavaModel), transformers 5.x.
         method: "fastv", "dart", "random" or a name registered with epic_ext.compress.register_compressor.
-        layer: K, the decoder layer whose input is pruned (scoring methods read layer K-1).
+        layer: K, the decoder layer whose input is pruned. Scoring methods read layer K-1's attention; at K = 0
+            they read layer 0's own attention on the unpruned sequence (one extra attention call).
         ratio: fraction of each sample's visual tokens removed, in [0, 1) (576 -> 128 kept is 0.778).
         keep: alternatively, the number of visual tokens kept per sample.
         **method_kwargs: passed to the compressor (e.g. query="prompt" for FastV, image_pivots=8 for DART,
