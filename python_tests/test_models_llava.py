@@ -120,10 +120,11 @@ def test_ratio_zero_and_remove_reproduce_unpatched(model):
                                             ("random", {"generator": torch.Generator().manual_seed(3)}),
                                             ("fastv", {"query": "prompt"})])
 @pytest.mark.parametrize("keep", [1, 5, 16])
-def test_methods_keep_exactly_keep_inside_spans(model, method, kwargs, keep):
+@pytest.mark.parametrize("layer", [0, 2])
+def test_methods_keep_exactly_keep_inside_spans(model, method, kwargs, keep, layer):
     layouts = [[3, "img", 6], [2, "img", 3, "img", 4], [8], [5, "img", 2]]  # two images, and a text-only sample
     batch = make_llava_batch(model, layouts, padding="right", seed=keep)
-    handle = apply_compression(model, method, layer=2, keep=keep, **kwargs)
+    handle = apply_compression(model, method, layer=layer, keep=keep, **kwargs)
     try:
         with torch.no_grad():
             out = model(**batch)
