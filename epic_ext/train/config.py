@@ -8,7 +8,10 @@ import pathlib
 from dataclasses import asdict, dataclass, field
 
 from ..compress import available as available_methods
-from ..schedules import SCHEDULES
+from ..schedules import SCHEDULES, ScheduleConfig
+
+# ScheduleConfig fields the command line sets itself; --schedule-constants may change the others.
+_MANAGED_SCHEDULE_FIELDS = {"kind", "num_layers", "layer", "min_layer", "target_ratio", "teacher_ratio", "seed"}
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
@@ -89,6 +92,11 @@ class TrainConfig:
             raise ValueError(f"--lam must be in [0, 1], got {self.lam}")
         if self.tau <= 0:
             raise ValueError(f"--tau must be > 0, got {self.tau}")
+        allowed = set(ScheduleConfig.__dataclass_fields__) - _MANAGED_SCHEDULE_FIELDS
+        unknown = set(self.schedule_constants) - allowed
+        if unknown:
+            raise ValueError(f"--schedule-constants: unknown or command-line-owned keys {sorted(unknown)}; "
+                             f"allowed: {sorted(allowed)}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ValueError("give --epochs > 0 or --max-steps > 0")
 
