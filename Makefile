@@ -13,7 +13,8 @@ PYTEST_ARGS ?=
 # DeepSpeed JIT-compiles a CPU communication op once; keep it in the build tree so later runs reuse it.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
-.PHONY: all setup build test demo bench cuda-check clean
+PROFILE ?= quick
+.PHONY: all setup build test demo bench ablation cuda-check clean
 all: test
 
 $(VPY):
@@ -42,6 +43,11 @@ demo: build
 
 bench: build
 	$(VPY) -m pytest bench -o python_files="bench_*.py" -p no:cacheprovider --benchmark-disable-gc -s $(PYTEST_ARGS)
+
+# EPIC's ablations in miniature (bench/ablation.py): PROFILE=quick (CPU) or full (GPU); stages are cached in
+# build/ablation/$(PROFILE), so an interrupted run resumes.
+ablation: build
+	$(VPY) bench/ablation.py --profile $(PROFILE)
 
 # Compile every CUDA source with nvcc -c (also run as a test by `make test`).
 cuda-check: $(DEPS_STAMP)

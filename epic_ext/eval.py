@@ -67,9 +67,11 @@ def _generate(model, processor, items: list[dict], batch_size: int, max_new_toke
                 inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
             with torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-            new = out[:, inputs["input_ids"].shape[1]:]
-            answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+                if tokenizer.eos_token_id in row:  # the answer ends at the first end-of-sequence token
+                    row = row[: row.index(tokenizer.eos_token_id)]
+                answers.append(tokenizer.decode(row, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = old_side
     return answers

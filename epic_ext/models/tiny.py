@@ -11,11 +11,13 @@ import torch
 
 def tiny_llava_config(*, text_layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
                       vocab_size: int = 256, image_size: int = 56, patch_size: int = 14, image_token_id: int | None = None,
-                      pad_token_id: int = 0, max_positions: int = 2048):
+                      pad_token_id: int = 0, max_positions: int = 2048, vision_hidden: int = 32,
+                      vision_layers: int = 2):
     """LlavaConfig with (image_size / patch_size)^2 visual tokens per image (16 by default)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig  # noqa: PLC0415
 
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                              num_hidden_layers=vision_layers, num_attention_heads=2,
                               image_size=image_size, patch_size=patch_size, projection_dim=32)
     text = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=text_layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab_size,

@@ -1,0 +1,383 @@
+"""A miniature reproduction of EPIC's ablations (paper Tables 3 and 4) on the generated shapes task.
+
+    python bench/ablation.py --profile quick|full [--work-dir DIR] [--stage all|data|stage1|stage2|eval|report]
+
+Every stage goes through the product's own code paths: the task generator and offline processor of the demo,
+`python -m epic_ext.train` (DeepSpeed, schedules, distillation loss) as subprocesses, and epic_ext.eval with the
+compressors. Stages are cached under the work directory (default build/ablation/<profile>): a finished model is
+never trained again, so an interrupted run resumes where it stopped.
+
+1. data: train / validation / test splits from fixed seeds.
+2. stage 1: a tiny LLaVA trained with all visual tokens, validated every chunk of steps, until the validation
+   accuracy stops improving (patience) or the step cap; the best chunk's export is the stage-1 model.
+3. stage 2: from the stage-1 model, every variant x seed with the same step budget.
+4. eval: every model (and the zero-shot stage-1 model) on the test split at each fraction of visual tokens with
+   every method; identical items and, for Random, identical drop patterns for every model (paired). The
+   zero-shot gap of the primary method is measured first: under 10 points the setting is reported uninformative.
+5. report: JSON, bench/results/ablation_<profile>.md (mean and std over seeds, paired differences with bootstrap
+   95% intervals) and a PNG plot (accuracy vs kept visual tokens, one line per variant).
+
+Hyperparameters live in bench/ablation_profiles/<profile>.json and are chosen on the validation split only; the
+test split is read once per model, in stage 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import pathlib
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PROFILES = ROOT / "bench" / "ablation_profiles"
+RESULTS = ROOT / "bench" / "results"
+
+# variant -> train arguments (schedule, lambda); the compression target and layer come from the profile
+VARIANTS = {
+    "fixed_sft": dict(schedule="fixed", lam=0.0, label="fixed ratio, SFT only"),
+    "fixed_kd": dict(schedule="fixed", lam=None, teacher_gap=True, label="fixed ratio + distillation"),
+    "tcd_no_kd": dict(schedule="tcd", lam=0.0, label="progressive ratio, SFT only (TCD w/o KD)"),
+    "tcd": dict(schedule="tcd", lam=None, label="TCD"),
+    "lcd": dict(schedule="lcd", lam=None, label="LCD"),
+    "lcd_no_kd": dict(schedule="lcd", lam=0.0, label="LCD w/o KD"),
+    "lcd_fixed_layer": dict(schedule="fixed", lam=None, teacher_gap=True, label="LCD w/o progressive layer",
+                            same_as="fixed_kd"),
+    "tcd_lcd": dict(schedule="tcd+lcd", lam=None, label="TCD+LCD"),
+}
+# key comparisons: (better?, baseline)
+COMPARISONS = [("tcd", "fixed_sft"), ("tcd", "tcd_no_kd"), ("tcd", "fixed_kd"), ("lcd", "lcd_no_kd"),
+               ("lcd", "fixed_sft"), ("tcd_lcd", "tcd"), ("fixed_sft", "zero_shot")]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def load_profile(name: str) -> dict:
+    path = PROFILES / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"--profile: no {path} (available: {sorted(p.stem for p in PROFILES.glob('*.json'))})")
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------------- stages --
+def stage_data(profile: dict, work: pathlib.Path) -> dict:
+    done = work / "data" / "splits.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    from epic_ext.models.tiny import build_tiny_llava
+    from epic_ext.train.demo_data import build_tiny_processor, demo_vocabulary, make_shapes_task
+
+    task = profile["task"]
+    splits = make_shapes_task(work / "data", n_train=task["n_train"], n_val=task["n_val"], n_test=task["n_test"],
+                              seed=task["seed"], image_size=task["image_size"], grid=task["grid"])
+    model_dir = work / "init_model"
+    processor = build_tiny_processor(demo_vocabulary(), image_size=task["image_size"], save_dir=model_dir)
+    tok = processor.tokenizer
+    m = profile["model"]
+    model = build_tiny_llava(seed=m["seed"], vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
+                             pad_token_id=tok.pad_token_id, hidden=m["hidden"], text_layers=m["text_layers"],
+                             heads=m["heads"], kv_heads=m["kv_heads"], image_size=task["image_size"],
+                             vision_hidden=m.get("vision_hidden", 32), vision_layers=m.get("vision_layers", 2))
+    model.save_pretrained(str(model_dir))
+    done.write_text(json.dumps(splits))
+    log(f"data: {task['n_train']}/{task['n_val']}/{task['n_test']} items, model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    return splits
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train(args: list[str], log_path: pathlib.Path, threads: int) -> None:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MASTER_PORT=str(_free_port()), PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    with log_path.open("a") as out:
+        proc = subprocess.run([sys.executable, "-m", "epic_ext.train", *args], env=env, stdout=out,
+                              stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed (exit {proc.returncode}); see {log_path}")
+
+
+def evaluate_dir(model_dir: pathlib.Path, items: list[dict], settings: list[dict], profile: dict) -> list[dict]:
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from epic_ext.eval import evaluate
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    return evaluate(model, processor, items, settings, batch_size=profile["eval"]["batch_size"], max_new_tokens=3,
+                    device="cpu", seed=profile["eval"]["seed"])
+
+
+def _items(splits: dict, split: str, work: pathlib.Path) -> list[dict]:
+    from epic_ext.eval import load_items
+    from epic_ext.train.data import load_records
+
+    return load_items(load_records(splits[split]), work / "data")
+
+
+def stage1(profile: dict, work: pathlib.Path, splits: dict) -> pathlib.Path:
+    """SFT with all visual tokens in chunks, validating after each; returns the best chunk's export."""
+    out = work / "stage1"
+    best_dir = out / "best"
+    if (out / "done.json").is_file():
+        return best_dir
+    s1 = profile["stage1"]
+    val = _items(splits, "val", work)
+    n_visual = (profile["task"]["image_size"] // 14) ** 2
+    history = json.loads((out / "history.json").read_text()) if (out / "history.json").is_file() else []
+    best, stale = -1.0, 0  # replay the history of an interrupted run
+    for h in history:
+        if h["val_accuracy"] > best + s1["min_improvement"]:
+            best, stale = h["val_accuracy"], 0
+        else:
+            stale += 1
+    steps = history[-1]["steps"] if history else 0
+    if history and stale >= s1["patience"]:
+        steps = s1["max_steps"]
+    while steps < s1["max_steps"]:
+        steps += s1["chunk_steps"]
+        args = ["--model", str(work / "init_model"), "--data", splits["train"], "--image-folder", str(work / "data"),
+                "--output-dir", str(out / "run"), "--schedule", "fixed", "--ratio", "0.0", "--lam", "0",
+                "--layer", str(profile["layer"]), "--lr", str(s1["lr"]), "--warmup-ratio", "0",
+                "--min-lr-ratio", "1.0", "--micro-batch-size", str(s1["batch"]), "--max-steps", str(steps),
+                "--save-steps", str(s1["chunk_steps"]), "--keep-checkpoints", "1", "--resume", "auto",
+                "--no-freeze-vision", "--zero", "0", "--seed", str(profile["model"]["seed"]), "--max-length", "256"]
+        started = time.perf_counter()
+        run_train(args, out / "train.log", threads=os.cpu_count() or 2)
+        row = evaluate_dir(out / "run" / "final", val, [{"method": "random", "keep": n_visual}], profile)[0]
+        history.append({"steps": steps, "val_accuracy": row["accuracy"], "families": row["families"],
+                        "seconds": time.perf_counter() - started})
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+        log(f"stage 1: {steps} steps, validation accuracy {row['accuracy']:.1f}% {row['families']}")
+        if row["accuracy"] > best + s1["min_improvement"]:
+            best, stale = row["accuracy"], 0
+            shutil.rmtree(best_dir, ignore_errors=True)
+            shutil.copytree(out / "run" / "final", best_dir)
+        else:
+            stale += 1
+            if stale >= s1["patience"]:
+                break
+    (out / "done.json").write_text(json.dumps({"best_val_accuracy": best, "history": history}))
+    return best_dir
+
+
+def stage2(profile: dict, work: pathlib.Path, splits: dict, base: pathlib.Path) -> dict:
+    s2 = profile["stage2"]
+    jobs = []
+    for variant in s2["variants"]:
+        spec = VARIANTS[variant]
+        if "same_as" in spec and spec["same_as"] in s2["variants"]:
+            continue  # identical configuration: evaluated from the other variant's models
+        for seed in s2["seeds"]:
+            target = work / "stage2" / variant / f"seed{seed}"
+            if (target / "final" / "config.json").is_file():
+                continue
+            lam = profile["lam"] if spec["lam"] is None else spec["lam"]
+            args = ["--model", str(base), "--data", splits["train"], "--image-folder", str(work / "data"),
+                    "--output-dir", str(target), "--method", s2["train_method"], "--schedule", spec["schedule"],
+                    "--ratio", str(profile["ratio"]), "--layer", str(profile["layer"]), "--min-layer",
+                    str(profile["layer"]), "--lam", str(lam), "--tau", str(profile["tau"]), "--lr", str(s2["lr"]),
+                    "--warmup-ratio", "0.05", "--micro-batch-size", str(s2["batch"]), "--max-steps",
+                    str(s2["steps"]), "--no-freeze-vision", "--zero", "0", "--seed", str(seed), "--max-length", "256",
+                    "--schedule-constants", json.dumps(profile.get("schedule_constants", {}))]
+            if spec.get("teacher_gap"):
+                args += ["--teacher-ratio", "gap"]
+            jobs.append((variant, seed, target, args))
+    log(f"stage 2: {len(jobs)} runs to train ({s2['parallel']} at a time)")
+
+    def one(job):
+        variant, seed, target, args = job
+        target.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        run_train(args, target / "train.log", threads=max(1, (os.cpu_count() or 2) // s2["parallel"]))
+        log(f"stage 2: {variant} seed {seed} trained in {time.perf_counter() - started:.0f} s")
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=s2["parallel"]) as pool:
+        for future in [pool.submit(one, job) for job in jobs]:
+            future.result()
+    models = {}
+    for variant in s2["variants"]:
+        source = VARIANTS[variant].get("same_as") if VARIANTS[variant].get("same_as") in s2["variants"] else variant
+        models[variant] = {seed: work / "stage2" / source / f"seed{seed}" / "final" for seed in s2["seeds"]}
+    return models
+
+
+def settings_for(profile: dict, n_visual: int) -> list[dict]:
+    ev = profile["eval"]
+    settings = [{"method": "none", "keep": n_visual, "fraction": 1.0}]
+    for fraction in ev["fractions"]:
+        if fraction < 1.0:
+            keep = max(1, int(round(fraction * n_visual)))
+            settings += [{"method": m, "keep": keep, "layer": profile["layer"], "fraction": fraction}
+                         for m in ev["methods"]]
+    return settings
+
+
+def eval_model(profile: dict, work: pathlib.Path, name: str, model_dir: pathlib.Path, items: list[dict],
+               settings: list[dict]) -> list[dict]:
+    """Cached test evaluation of one model: per setting, accuracy, families and per-item correctness."""
+    cache = work / "eval" / f"{name}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    from epic_ext.eval import normalize_answer
+
+    started = time.perf_counter()
+    rows = evaluate_dir(model_dir, items, [{k: v for k, v in s.items() if k != "fraction"} for s in settings], profile)
+    out = []
+    for setting, row in zip(settings, rows):
+        correct = [int(normalize_answer(p) == normalize_answer(i["answer"])) for p, i in zip(row["predictions"], items)]
+        out.append({**setting, "accuracy": row["accuracy"], "families": row["families"], "correct": correct,
+                    "prefill_gflops": 1000 * row["prefill_tflops_exact"], "kv_mb": row["kv_mb"]})
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(out))
+    log(f"eval: {name} in {time.perf_counter() - started:.0f} s: " + ", ".join(
+        f"{r['method']}@{r['keep']}={r['accuracy']:.1f}" for r in out if r["method"] in ("none", profile["eval"]["primary"])))
+    return out
+
+
+def bootstrap_ci(differences: list[float], seed: int = 0, resamples: int = 2000) -> tuple[float, float, float]:
+    """Mean of per-item paired differences and its 95% percentile-bootstrap interval (resampling items)."""
+    rng = random.Random(seed)
+    n = len(differences)
+    mean = sum(differences) / n
+    means = sorted(sum(differences[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    return mean, means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
+def summarise(profile: dict, results: dict, gap: dict) -> dict:
+    """results: model name -> {seed -> rows}. Returns the JSON report."""
+    import statistics
+
+    summary = {"profile": profile["name"], "zero_shot_gap": gap, "variants": {}, "comparisons": []}
+    for name, by_seed in results.items():
+        rows = list(by_seed.values())
+        table = []
+        for i, setting in enumerate(rows[0]):
+            accs = [r[i]["accuracy"] for r in rows]
+            families = {f: statistics.mean(r[i]["families"][f] for r in rows) for f in setting["families"]}
+            table.append({k: setting[k] for k in ("method", "keep", "fraction")} | {
+                "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "seeds": len(accs), "families": families, "prefill_gflops": setting["prefill_gflops"],
+                "kv_mb": setting["kv_mb"]})
+        summary["variants"][name] = table
+    for better, base in COMPARISONS:
+        if better not in results or base not in results:
+            continue
+        for i, setting in enumerate(next(iter(results[better].values()))):
+            if setting["method"] not in ("none", profile["eval"]["primary"]):
+                continue
+            diffs = []
+            for seed, rows in results[better].items():
+                other = results[base].get(seed) or next(iter(results[base].values()))
+                diffs += [100.0 * (a - b) for a, b in zip(rows[i]["correct"], other[i]["correct"])]
+            mean, low, high = bootstrap_ci(diffs)
+            summary["comparisons"].append({"better": better, "base": base, "method": setting["method"],
+                                           "keep": setting["keep"], "difference": mean, "ci95": [low, high]})
+    return summary
+
+
+def write_report(profile: dict, summary: dict, machine: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = profile["name"]
+    (RESULTS / f"ablation_{name}.json").write_text(json.dumps(summary, indent=1))
+    primary = profile["eval"]["primary"]
+    labels = {k: v["label"] for k, v in VARIANTS.items()} | {"zero_shot": "stage 1, zero-shot (no stage 2)"}
+    lines = [f"# EPIC ablation, profile `{name}`", "", f"Machine: {machine}. Generated by `make ablation "
+             f"PROFILE={name}` ({time.strftime('%Y-%m-%d')}); raw numbers in `ablation_{name}.json`.", ""]
+    gap = summary["zero_shot_gap"]
+    lines += [f"Zero-shot gap of the stage-1 model ({primary}, {gap['keep']} of {gap['n_visual']} visual tokens at "
+              f"layer {profile['layer']}): {gap['gap']:.1f} points ({gap['full']:.1f}% -> {gap['compressed']:.1f}%)."
+              + (" **Under 10 points: this setting cannot separate the variants; read the table as uninformative.**"
+                 if gap["gap"] < 10 else ""), ""]
+    settings = [(r["method"], r["keep"]) for r in next(iter(summary["variants"].values()))]
+    header = "| variant | " + " | ".join(f"{m} {k}" if m != "none" else f"all {k}" for m, k in settings) + " |"
+    lines += [f"Test accuracy (%), mean ± std over seeds; compression at layer {profile['layer']}.", "", header,
+              "|" + "---|" * (len(settings) + 1)]
+    for variant, table in summary["variants"].items():
+        cells = [f"{r['mean']:.1f} ± {r['std']:.1f}" for r in table]
+        lines.append(f"| {labels.get(variant, variant)} | " + " | ".join(cells) + " |")
+    lines += ["", f"Paired differences (percentage points, per test item, {primary} and full tokens), "
+              "95% bootstrap intervals over items:", "", "| comparison | setting | difference | 95% CI |",
+              "|---|---|---|---|"]
+    for c in summary["comparisons"]:
+        lines.append(f"| {labels.get(c['better'], c['better'])} - {labels.get(c['base'], c['base'])} | "
+                     f"{c['method']} {c['keep']} | {c['difference']:+.1f} | [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}] |")
+    (RESULTS / f"ablation_{name}.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant, table in summary["variants"].items():
+        rows = [r for r in table if r["method"] in ("none", primary)]
+        ax.errorbar([r["keep"] for r in rows], [r["mean"] for r in rows], yerr=[r["std"] for r in rows],
+                    marker="o", capsize=3, label=labels.get(variant, variant))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(f"visual tokens kept ({primary}, layer {profile['layer']})")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"EPIC ablation ({name} profile)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"ablation_{name}.png", dpi=120)
+    log(f"report: {RESULTS / f'ablation_{name}.md'} and .png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--work-dir", help="cache of every stage (default build/ablation/<profile>)")
+    parser.add_argument("--results-dir", help="where the report goes (default bench/results)")
+    args = parser.parse_args(argv)
+    global RESULTS
+    if args.results_dir:
+        RESULTS = pathlib.Path(args.results_dir)
+    profile = load_profile(args.profile)
+    work = pathlib.Path(args.work_dir or ROOT / "build" / "ablation" / profile["name"])
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    splits = stage_data(profile, work)
+    base = stage1(profile, work, splits)
+    test = _items(splits, "test", work)
+    n_visual = (profile["task"]["image_size"] // 14) ** 2
+    settings = settings_for(profile, n_visual)
+    zero = eval_model(profile, work, "zero_shot", base, test, settings)
+    primary = profile["eval"]["primary"]
+    target_keep = max(1, int(round((1 - profile["ratio"]) * n_visual)))
+    full = next(r for r in zero if r["method"] == "none")["accuracy"]
+    compressed = next(r for r in zero if r["method"] == primary and r["keep"] == target_keep)["accuracy"]
+    gap = {"full": full, "compressed": compressed, "gap": full - compressed, "keep": target_keep, "n_visual": n_visual}
+    log(f"zero-shot gap ({primary}, keep {target_keep}/{n_visual}): {gap['gap']:.1f} points"
+        + ("  -- under 10 points: this setting is uninformative" if gap["gap"] < 10 else ""))
+    models = stage2(profile, work, splits, base)
+    results = {"zero_shot": {0: zero}}
+    for variant, by_seed in models.items():
+        results[variant] = {seed: eval_model(profile, work, f"{variant}_seed{seed}", path, test, settings)
+                            for seed, path in by_seed.items()}
+    import platform
+
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU"
+    write_report(profile, summarise(profile, results, gap), machine)
+    log(f"done in {(time.perf_counter() - started) / 60:.1f} min (this run; cached stages not counted)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
