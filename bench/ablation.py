@@ -312,6 +312,15 @@ def write_report(profile: dict, summary: dict, machine: str) -> None:
     for variant, table in summary["variants"].items():
         cells = [f"{r['mean']:.1f} ± {r['std']:.1f}" for r in table]
         lines.append(f"| {labels.get(variant, variant)} | " + " | ".join(cells) + " |")
+    families = sorted(next(iter(summary["variants"].values()))[0]["families"])
+    target = summary["zero_shot_gap"]["keep"]
+    lines += ["", f"Per question family (%), all tokens / {primary} {target}:", "",
+              "| variant | " + " | ".join(families) + " |", "|" + "---|" * (len(families) + 1)]
+    for variant, table in summary["variants"].items():
+        full_row = next(r for r in table if r["method"] == "none")
+        comp_row = next(r for r in table if r["method"] == primary and r["keep"] == target)
+        lines.append(f"| {labels.get(variant, variant)} | " + " | ".join(
+            f"{full_row['families'][f]:.1f} / {comp_row['families'][f]:.1f}" for f in families) + " |")
     lines += ["", f"Paired differences (percentage points, per test item, {primary} and full tokens), "
               "95% bootstrap intervals over items:", "", "| comparison | setting | difference | 95% CI |",
               "|---|---|---|---|"]
