@@ -118,10 +118,11 @@ def evaluate_dir(model_dir: pathlib.Path, items: list[dict], settings: list[dict
     from epic_ext.eval import evaluate
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).to(device)
     processor = AutoProcessor.from_pretrained(str(model_dir))
     return evaluate(model, processor, items, settings, batch_size=profile["eval"]["batch_size"], max_new_tokens=3,
-                    device="cpu", seed=profile["eval"]["seed"])
+                    device=device, seed=profile["eval"]["seed"])
 
 
 def _items(splits: dict, split: str, work: pathlib.Path) -> list[dict]:
@@ -382,7 +383,10 @@ def main(argv: list[str] | None = None) -> int:
                             for seed, path in by_seed.items()}
     import platform
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU"
+    import torch
+
+    machine = (torch.cuda.get_device_name() if torch.cuda.is_available()
+               else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU")
     write_report(profile, summarise(profile, results, gap), machine)
     log(f"done in {(time.perf_counter() - started) / 60:.1f} min (this run; cached stages not counted)")
     return 0
