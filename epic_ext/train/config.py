@@ -88,6 +88,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"--ratio must be in [0, 1), got {self.ratio}")
+        if self.teacher_ratio is not None and not 0.0 <= self.teacher_ratio < 1.0:
+            raise ValueError(f"--teacher-ratio must be in [0, 1) or 'gap', got {self.teacher_ratio}")
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"--lam must be in [0, 1], got {self.lam}")
         if self.tau <= 0:
@@ -142,8 +144,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--ratio", type=float, default=defaults.ratio, help="target ratio (lcd, fixed)")
     p.add_argument("--layer", type=int, default=defaults.layer, help="compression layer K (tcd, fixed)")
     p.add_argument("--min-layer", type=int, default=defaults.min_layer, help="shallowest layer of lcd")
-    p.add_argument("--teacher-ratio", type=float, default=defaults.teacher_ratio,
-                   help="teacher ratio of the fixed schedule (default 0: all tokens)")
+    p.add_argument("--teacher-ratio", type=lambda v: None if v == "gap" else float(v), default=defaults.teacher_ratio,
+                   help="teacher ratio of the fixed schedule: a number (default 0: all tokens), or 'gap' for the "
+                        "target ratio minus the schedule's growing gap")
     p.add_argument("--schedule-constants", type=json.loads, default={},
                    help='JSON overrides of ScheduleConfig fields, e.g. \'{"gap_max": 0.2}\'')
     p.add_argument("--lam", type=float, default=defaults.lam, help="KD weight lambda (0 = plain SFT)")
