@@ -329,6 +329,13 @@ def write_report(profile: dict, summary: dict, machine: str) -> None:
         lines.append(f"| {labels.get(c['better'], c['better'])} - {labels.get(c['base'], c['base'])} | "
                      f"{c['method']} {c['keep']} | {c['difference']:+.1f} | [{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}] |")
     (RESULTS / f"ablation_{name}.md").write_text("\n".join(lines) + "\n")
+    # bench/results/ablation.md gathers every profile's report in one place
+    parts = ["# EPIC ablations in miniature", "", "One section per profile; each also stands alone as "
+             "`ablation_<profile>.md` with its `.json` and `.png`.", ""]
+    for report in sorted(RESULTS.glob("ablation_*.md")):
+        parts += [report.read_text().replace("# EPIC ablation, profile", "## Profile", 1),
+                  f"![accuracy vs kept tokens]({report.stem}.png)", ""]
+    (RESULTS / "ablation.md").write_text("\n".join(parts) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
