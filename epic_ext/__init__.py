@@ -19,7 +19,7 @@ _logger = logging.getLogger(__name__)
 _C = None
 _EXTENSION_ERROR: str | None = None
 try:
-    # import_module, not `from . import _C`: the latter would find the placeholder attribute above.
+    # import_module, not `from . import _C`: the latter would return the `_C = None` attribute set above.
     _C = importlib.import_module("._C", __name__)  # registers torch.ops.epic_ext.*
 except ImportError as exc:  # not built, or built against another torch (undefined symbols)
     _EXTENSION_ERROR = (

@@ -396,10 +396,14 @@ def _make_language_model_forward(handle: CompressionHandle):
         decode_on_pruned = not plan.prune and pruned_cache_mask is not None and past_length > 0
 
         # An explicit 2-D mask whenever positions may be gapped (never let the packed-sequence guess run).
-        mask_for_layers = full_mask_2d if (plan.prune or decode_on_pruned or attention_mask is not None) else None
-        causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
-                                         attention_mask=mask_for_layers if attention_mask is None or
-                                         attention_mask.dim() == 2 else attention_mask,
+        # A prepared 4-D mask is used as given; with no mask and nothing pruned, None keeps the stock fast path.
+        if attention_mask is not None and attention_mask.dim() != 2:
+            mask_for_layers = attention_mask
+        elif attention_mask is not None or plan.prune or decode_on_pruned:
+            mask_for_layers = full_mask_2d
+        else:
+            mask_for_layers = None
+        causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=mask_for_layers,
                                          past_key_values=past_key_values, position_ids=position_ids)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
