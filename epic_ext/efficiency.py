@@ -167,8 +167,10 @@ def kv_cache_bytes(shape: LMShape, n_tokens: int, n_visual: int, layer: int, kep
 
 
 def cache_bytes(cache) -> int:
-    """Bytes held by the keys and values of a transformers DynamicCache (5.x `.layers[i].keys/.values`)."""
-    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values) if t is not None]
+    """Bytes held by the keys and values of a transformers DynamicCache."""
+    from .models import _hf  # noqa: PLC0415
+
+    tensors = [t for pair in _hf.cache_layer_tensors(cache) for t in pair if t is not None]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -306,7 +308,7 @@ def measure_latency(model, keep: int, *, layer: int = 2, method: str = "fastv", 
     Returns:
         dict(keep, prefill_ms, decode_ms_per_token, kv_bytes_measured) with the prefill cache's bytes.
     """
-    from .models import apply_compression  # noqa: PLC0415
+    from .models import _hf, apply_compression  # noqa: PLC0415
 
     config, device = model.config, str(next(model.parameters()).device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -326,14 +328,15 @@ def measure_latency(model, keep: int, *, layer: int = 2, method: str = "fastv", 
                 out = model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True)
                 sync()
                 prefill = time.perf_counter() - start
-                cache, kv_bytes = out.past_key_values, cache_bytes(out.past_key_values)
+                cache = _hf.output_cache(out)
+                kv_bytes = cache_bytes(cache)
                 logits = out.logits[:, -1].float()
                 start = time.perf_counter()
                 for _ in range(decode_tokens):
                     if image_token < logits.shape[-1]:
                         logits[:, image_token] = -math.inf  # a generated image token would need pixel_values
-                    step = model(input_ids=logits.argmax(-1, keepdim=True), past_key_values=cache, use_cache=True)
-                    cache, logits = step.past_key_values, step.logits[:, -1].float()
+                    step = model(input_ids=logits.argmax(-1, keepdim=True), use_cache=True, **_hf.cache_kwargs(cache))
+                    cache, logits = _hf.output_cache(step), step.logits[:, -1].float()
                 sync()
                 if run > 0:  # run 0 warms up
                     prefill_s.append(prefill)

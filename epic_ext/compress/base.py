@@ -67,11 +67,14 @@ class Compressor:
         raise NotImplementedError
 
     def importance_from_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float | None,
-                                  query_positions: torch.Tensor) -> torch.Tensor:
+                                  query_positions: torch.Tensor,
+                                  key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Importance [B, L] fp32 from layer K-1's post-RoPE query [B, Hq, L, D] and key [B, Hkv, L, D], for
-        compressors with needs_importance: softmax mean over heads and the rows at query_positions [B, R]."""
+        compressors with needs_importance: softmax mean over heads and the rows at query_positions [B, R]; keys
+        where key_padding_mask [B, L] is False (padding) get probability 0, as in the model's own attention."""
         rows = ops.gather_tokens(query, query_positions, dim=2)  # [B, Hq, R, D]
-        return ops.attention_importance(rows, key, scale=scaling, query_positions=query_positions)
+        return ops.attention_importance(rows, key, scale=scaling, query_positions=query_positions,
+                                        key_padding_mask=key_padding_mask)
 
 
 def select_by_score(ctx: LayerContext, scores: torch.Tensor) -> torch.Tensor:

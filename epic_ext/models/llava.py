@@ -21,6 +21,7 @@ How it hooks in (each choice answers a pitfall listed in shared/NOTES-transforme
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import sys
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
+from . import _hf
 from ..compress import Compressor, LayerContext, get_compressor
 
 _logger = logging.getLogger(__name__)
@@ -37,53 +39,14 @@ _logger = logging.getLogger(__name__)
 CAPTURE_KWARG = "epic_ext_capture"
 
 
-# ------------------------------------------------------------------------------------------------ transformers --
-def _transformers():
-    try:
-        import transformers  # noqa: PLC0415
-        from transformers.cache_utils import DynamicCache  # noqa: PLC0415
-        from transformers.masking_utils import AttentionMaskInterface, create_causal_mask  # noqa: PLC0415
-        from transformers.modeling_outputs import BaseModelOutputWithPast  # noqa: PLC0415
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface  # noqa: PLC0415
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("epic_ext.models needs transformers>=5.17: pip install 'transformers>=5.17'") from exc
-    return dict(transformers=transformers, DynamicCache=DynamicCache, AttentionMaskInterface=AttentionMaskInterface,
-                create_causal_mask=create_causal_mask, BaseModelOutputWithPast=BaseModelOutputWithPast,
-                ALL_ATTENTION_FUNCTIONS=ALL_ATTENTION_FUNCTIONS, AttentionInterface=AttentionInterface)
-
-
-def _output_decorators():
-    """The decorators LlamaModel.forward carries in 5.x (config defaults, output_hidden_states capture)."""
-    decorators = []
-    try:
-        from transformers.utils.generic import merge_with_config_defaults  # noqa: PLC0415
-
-        decorators.append(merge_with_config_defaults)
-    except ImportError:
-        pass
-    try:
-        from transformers.utils.output_capturing import capture_outputs  # noqa: PLC0415
-    except ImportError:
-        try:
-            from transformers.utils.generic import check_model_inputs as capture_outputs  # noqa: PLC0415
-        except ImportError:
-            capture_outputs = None
-    if capture_outputs is not None:
-        decorators.append(capture_outputs)
-    return decorators
-
-
-def _wrapped_attention(original_name: str, eager_fallback):
-    tf = _transformers()
+def _wrapped_attention(original_name: str, eager_function):
+    """The original attention function of the text model plus the scoring report at layer K-1."""
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         capture = kwargs.pop(CAPTURE_KWARG, None)
         if capture is not None:
             capture(query, key, kwargs.get("scaling"))
-        if original_name == "eager":
-            original = eager_fallback
-        else:
-            original = tf["ALL_ATTENTION_FUNCTIONS"][original_name]
+        original = eager_function if original_name == "eager" else _hf.attention_function(original_name)
         return original(module, query, key, value, attention_mask, **kwargs)
 
     return attention
@@ -91,22 +54,13 @@ def _wrapped_attention(original_name: str, eager_fallback):
 
 def _install_attention(language_model, original_name: str) -> str:
     """Registers epic_ext_<original> (attention + mask function) and returns its name."""
-    tf = _transformers()
     name = f"epic_ext_{original_name}"
-    eager_fallback = None
+    eager_function = None
     if original_name == "eager":
-        module = sys.modules[type(language_model.layers[0].self_attn).__module__]
-        eager_fallback = getattr(module, "eager_attention_forward", None)
-        if eager_fallback is None:
-            raise ValueError(f"apply_compression: {module.__name__} has no eager_attention_forward to wrap")
-    elif original_name not in tf["ALL_ATTENTION_FUNCTIONS"]:
+        eager_function = _hf.eager_attention_function(language_model.layers[0].self_attn)
+    elif not _hf.has_attention_function(original_name):
         raise ValueError(f"apply_compression: unsupported attention implementation {original_name!r}")
-    tf["AttentionInterface"].register(name, _wrapped_attention(original_name, eager_fallback))
-    masks = tf["AttentionMaskInterface"]._global_mapping
-    mask_fn = masks.get(original_name)
-    if mask_fn is None:
-        raise ValueError(f"apply_compression: no mask function for attention implementation {original_name!r}")
-    tf["AttentionMaskInterface"].register(name, mask_fn)
+    _hf.register_attention(name, _wrapped_attention(original_name, eager_function), mask_of=original_name)
     return name
 
 
@@ -133,8 +87,9 @@ class CompressionHandle:
     """Returned by apply_compression. Holds the patch; `override()` changes it for a block, `remove()` undoes it.
 
     Attributes:
-        last_kept_positions: [B, L'] int64 original positions kept by the last pruned forward (text and visual,
-            ascending, -1 for padding slots at the left of shorter samples), or None when it did not prune.
+        last_kept_positions: [B, L'] int64 original position of every row the last patched forward returned (text
+            and visual, ascending, -1 for padding slots at the left of shorter samples; all positions when that
+            forward did not prune; the new tokens' positions on a decoding step).
     """
 
     def __init__(self, model, settings: _Settings):
@@ -148,8 +103,9 @@ class CompressionHandle:
         self._pruned_masks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.last_kept_positions: torch.Tensor | None = None
         self._hooks = []
+        self._generation_prompt_length: int | None = None  # set while model.generate runs
         self._removed = False
-        self._original_attn = self._text_config._attn_implementation
+        self._original_attn = _hf.text_attention_implementation(self._text_config)
         self._image_token_id = getattr(self.config, "image_token_id", None)
         if self._image_token_id is None:
             self._image_token_id = getattr(self.config, "image_token_index", None)
@@ -187,9 +143,9 @@ class CompressionHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        self.language_model.__dict__.pop("forward", None)
-        self.model.set_attn_implementation({"text_config": self._original_attn})
-        self.language_model.config._attn_implementation_internal = self._original_attn
+        _hf.remove_forward(self.language_model)
+        self.model.__dict__.pop("generate", None)
+        _hf.set_text_attention_implementation(self.model, self._text_config, self._original_attn)
         self.model.__dict__.pop("_epic_ext_handle", None)
         self._removed = True
 
@@ -204,18 +160,31 @@ class CompressionHandle:
     # ---- installation ---------------------------------------------------------------------------------------
     def _install(self) -> None:
         name = _install_attention(self.language_model, self._original_attn)
-        self.model.set_attn_implementation({"text_config": name})
-        if self.language_model.config._attn_implementation != name:  # older set_attn_implementation
-            self.language_model.config._attn_implementation_internal = name
+        _hf.set_text_attention_implementation(self.model, self._text_config, name)
         self._hooks.append(self._llava.register_forward_pre_hook(self._llava_pre_hook, with_kwargs=True))
         if self.model is not self._llava:
             self._hooks.append(self.model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True))
-            self._hooks.append(self.model.register_forward_hook(self._top_post_hook, with_kwargs=True))
-        forward = _make_language_model_forward(self)
-        for decorator in reversed(_output_decorators()):
-            forward = decorator(forward)
-        self.language_model.forward = forward.__get__(self.language_model)
+        self._hooks.append(self.model.register_forward_hook(self._top_post_hook, with_kwargs=True))
+        _hf.install_forward(self.language_model, _make_language_model_forward(self))
+        if hasattr(self.model, "generate"):
+            self.model.generate = self._wrap_generate(self.model.generate)
         self.model._epic_ext_handle = self
+
+    def _wrap_generate(self, generate):
+        """Records the prompt length while generate() runs: with use_cache=False every step is a full forward, and
+        ranking with the prompt's last token (not the newest one) keeps what cached generation keeps."""
+
+        @functools.wraps(generate)
+        def wrapper(*args, **kwargs):
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            previous = self._generation_prompt_length
+            self._generation_prompt_length = int(input_ids.shape[1]) if torch.is_tensor(input_ids) else None
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self._generation_prompt_length = previous
+
+        return wrapper
 
     def _check_live(self) -> None:
         if self._removed:
@@ -224,7 +193,7 @@ class CompressionHandle:
     # ---- hooks ----------------------------------------------------------------------------------------------
     def _active(self) -> bool:
         s = self.settings
-        return not ((s.ratio is not None and s.ratio == 0.0) or (s.keep is None and s.ratio is None))
+        return not (s.ratio is not None and s.ratio == 0.0)
 
     def _top_pre_hook(self, module, args, kwargs):
         self._inputs.labels = None
@@ -275,12 +244,16 @@ class CompressionHandle:
 
 
 def _validate_amount(ratio, keep) -> None:
+    if ratio is None and keep is None:
+        raise ValueError("apply_compression: give ratio (the fraction of visual tokens removed, 0 disables pruning) "
+                         "or keep (visual tokens kept per sample)")
     if ratio is not None and keep is not None:
         raise ValueError("apply_compression: give ratio or keep, not both")
-    if ratio is not None and not (0.0 <= float(ratio) < 1.0):
-        raise ValueError(f"apply_compression: ratio must be in [0, 1) (the fraction of visual tokens removed), got "
-                         f"{ratio}")
-    if keep is not None and (not isinstance(keep, int) or keep < 0):
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                              or not (0.0 <= float(ratio) < 1.0)):
+        raise ValueError(f"apply_compression: ratio must be a number in [0, 1) (the fraction of visual tokens "
+                         f"removed), got {ratio!r}")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
         raise ValueError(f"apply_compression: keep must be an int >= 0 (visual tokens kept per sample), got {keep!r}")
 
 
@@ -364,22 +337,17 @@ def _prompt_mask(attention_mask: torch.Tensor, query_positions: torch.Tensor) ->
 
 
 def _make_language_model_forward(handle: CompressionHandle):
-    tf = _transformers()
-    create_causal_mask = tf["create_causal_mask"]
-
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs):
+        cache = _hf.pop_incoming_cache(past_key_values, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        cache_implementation = type(past_key_values).__name__ if past_key_values is not None else ""
-        if "Static" in cache_implementation:
-            raise NotImplementedError("epic_ext compression does not support static KV caches (it shortens the "
-                                      "cache of layers >= K); use the default dynamic cache")
-        if use_cache and past_key_values is None:
-            past_key_values = tf["DynamicCache"](config=self.config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        _hf.require_dynamic_cache(cache)
+        if use_cache and cache is None:
+            cache = _hf.new_dynamic_cache(self.config)
+        past_length = _hf.cache_length(cache)
         batch, length = inputs_embeds.shape[:2]
         device = inputs_embeds.device
         if position_ids is None:
@@ -392,8 +360,10 @@ def _make_language_model_forward(handle: CompressionHandle):
                         else torch.ones(batch, past_length + length, dtype=torch.long, device=device))
         plan = _Plan(handle, batch, length, past_length, full_mask_2d[:, past_length:], device)
         handle._inputs.image_mask = None  # consumed: a later direct call must not reuse it
-        pruned_cache_mask = handle._pruned_masks.get(past_key_values) if past_key_values is not None else None
+        pruned_cache_mask = handle._pruned_masks.get(cache) if cache is not None else None
         decode_on_pruned = not plan.prune and pruned_cache_mask is not None and past_length > 0
+        # Every patched forward reports the original position of each output row (no pruning: all of them).
+        handle.last_kept_positions = (torch.arange(length, device=device) + past_length).expand(batch, length)
 
         # An explicit 2-D mask whenever positions may be gapped (never let the packed-sequence guess run).
         # A prepared 4-D mask is used as given; with no mask and nothing pruned, None keeps the stock fast path.
@@ -403,8 +373,7 @@ def _make_language_model_forward(handle: CompressionHandle):
             mask_for_layers = full_mask_2d
         else:
             mask_for_layers = None
-        causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=mask_for_layers,
-                                         past_key_values=past_key_values, position_ids=position_ids)
+        causal_mask = _hf.create_causal_mask(self.config, inputs_embeds, mask_for_layers, cache, position_ids)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         capture = _Capture(handle, plan, position_ids) if plan.prune else None
@@ -415,29 +384,28 @@ def _make_language_model_forward(handle: CompressionHandle):
             # call (output discarded; costs one extra attention layer).
             first = self.layers[0]
             with torch.no_grad():
-                first.self_attn(hidden_states=first.input_layernorm(hidden_states), attention_mask=causal_mask,
-                                position_embeddings=position_embeddings, position_ids=position_ids,
-                                past_key_values=None, **{CAPTURE_KWARG: capture})
+                _hf.attention_call(first.self_attn, first.input_layernorm(hidden_states), attention_mask=causal_mask,
+                                   position_embeddings=position_embeddings, position_ids=position_ids,
+                                   **{CAPTURE_KWARG: capture})
         for layer_idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             if plan.prune and layer_idx == prune_layer:
                 hidden_states, position_ids, position_embeddings, causal_mask = _prune(
-                    self, handle, plan, capture, hidden_states, position_ids, past_key_values, create_causal_mask)
+                    self, handle, plan, capture, hidden_states, position_ids, cache)
             elif decode_on_pruned and layer_idx == prune_layer:
                 new_columns = (explicit_mask[:, -length:] if explicit_mask is not None
                                else torch.ones(batch, length, dtype=pruned_cache_mask.dtype, device=device))
                 pruned_cache_mask = torch.cat([pruned_cache_mask, new_columns.to(pruned_cache_mask.dtype)], dim=1)
-                handle._pruned_masks[past_key_values] = pruned_cache_mask
-                causal_mask = create_causal_mask(config=self.config, inputs_embeds=hidden_states,
-                                                 attention_mask=pruned_cache_mask, past_key_values=past_key_values,
-                                                 position_ids=position_ids, layer_idx=layer_idx)
+                handle._pruned_masks[cache] = pruned_cache_mask
+                causal_mask = _hf.create_causal_mask(self.config, hidden_states, pruned_cache_mask, cache,
+                                                     position_ids, layer_idx=layer_idx)
             layer_kwargs = kwargs
             if capture is not None and layer_idx == prune_layer - 1 and capture.wants_attention:
                 layer_kwargs = {**kwargs, CAPTURE_KWARG: capture}
-            hidden_states = decoder_layer(hidden_states, attention_mask=causal_mask,
-                                          position_embeddings=position_embeddings, position_ids=position_ids,
-                                          past_key_values=past_key_values, use_cache=use_cache, **layer_kwargs)
+            hidden_states = _hf.decoder_layer_call(decoder_layer, hidden_states, attention_mask=causal_mask,
+                                                   position_embeddings=position_embeddings, position_ids=position_ids,
+                                                   cache=cache, use_cache=use_cache, **layer_kwargs)
         hidden_states = self.norm(hidden_states)
-        return tf["BaseModelOutputWithPast"](last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return _hf.base_model_output(hidden_states, cache)
 
     return forward
 
@@ -451,8 +419,12 @@ class _Capture:
         self.wants_attention = compressor.needs_importance or compressor.needs_key
         self.compressor = compressor
         explicit = handle._inputs.query_positions
+        prompt_mask = plan.attention_mask
+        prompt_length = handle._generation_prompt_length
+        if prompt_length is not None and prompt_mask.shape[1] > prompt_length:
+            prompt_mask = prompt_mask[:, :prompt_length]  # generate(use_cache=False): rank as at the first step
         self.query_positions = (explicit.to(plan.device) if explicit is not None
-                                else prompt_query_positions(plan.attention_mask, handle._inputs.labels))
+                                else prompt_query_positions(prompt_mask, handle._inputs.labels))
         if compressor.name == "fastv" and getattr(compressor, "query", "last") == "prompt" and explicit is None:
             prompt = _prompt_mask(plan.attention_mask, self.query_positions) & ~plan.image_mask
             length = prompt.shape[1]
@@ -461,6 +433,7 @@ class _Capture:
             width = max(int(prompt.sum(dim=1).max()), 1)
             rows = rows[:, :width]
             self.query_positions = torch.where(rows < length, rows, torch.full_like(rows, -1))
+        self.key_padding_mask = plan.attention_mask.bool()  # pad keys get no probability, as in the model
         self.importance = None
         self.key = None
 
@@ -468,13 +441,12 @@ class _Capture:
         with torch.no_grad():
             if self.compressor.needs_importance:
                 self.importance = self.compressor.importance_from_attention(
-                    query.detach(), key.detach(), scaling, self.query_positions)
+                    query.detach(), key.detach(), scaling, self.query_positions, self.key_padding_mask)
             if self.compressor.needs_key:
                 self.key = key.detach()
 
 
-def _prune(lm, handle: CompressionHandle, plan: _Plan, capture: _Capture, hidden_states, position_ids,
-           past_key_values, create_causal_mask):
+def _prune(lm, handle: CompressionHandle, plan: _Plan, capture: _Capture, hidden_states, position_ids, cache):
     batch, length = hidden_states.shape[:2]
     device = hidden_states.device
     attention_mask = plan.attention_mask
@@ -504,11 +476,10 @@ def _prune(lm, handle: CompressionHandle, plan: _Plan, capture: _Capture, hidden
     new_position_ids = ops.gather_tokens(full_positions, kept, dim=1)
     new_mask = ops.gather_tokens(attention_mask.long(), kept, dim=1)  # padding slots: 0
     position_embeddings = lm.rotary_emb(hidden_states, position_ids=new_position_ids)
-    causal_mask = create_causal_mask(config=lm.config, inputs_embeds=hidden_states, attention_mask=new_mask,
-                                     past_key_values=past_key_values, position_ids=new_position_ids,
-                                     layer_idx=plan.layer)
-    if past_key_values is not None:
-        handle._pruned_masks[past_key_values] = new_mask
+    causal_mask = _hf.create_causal_mask(lm.config, hidden_states, new_mask, cache, new_position_ids,
+                                         layer_idx=plan.layer)
+    if cache is not None:
+        handle._pruned_masks[cache] = new_mask
     handle.last_kept_positions = kept
     return hidden_states, new_position_ids, position_embeddings, causal_mask
 
@@ -523,14 +494,16 @@ def apply_compression(model, method: str = "fastv", layer: int = 2, ratio: float
         method: "fastv", "dart", "random" or a name registered with epic_ext.compress.register_compressor.
         layer: K, the decoder layer whose input is pruned. Scoring methods read layer K-1's attention; at K = 0
             they read layer 0's own attention on the unpruned sequence (one extra attention call).
-        ratio: fraction of each sample's visual tokens removed, in [0, 1) (576 -> 128 kept is 0.778).
-        keep: alternatively, the number of visual tokens kept per sample.
+        ratio: fraction of each sample's visual tokens removed, in [0, 1) (576 -> 128 kept is 0.778); 0 disables
+            pruning (the unpatched computation, exactly).
+        keep: alternatively, the number of visual tokens kept per sample. Exactly one of ratio / keep is required.
         **method_kwargs: passed to the compressor (e.g. query="prompt" for FastV, image_pivots=8 for DART,
             generator=torch.Generator() for Random).
 
     Returns:
         A CompressionHandle: `with handle.override(ratio=...)` for single passes, `handle.remove()` to undo.
-        Forward outputs carry `kept_positions` [B, L'] (original positions, -1 = padding slot) when they pruned.
+        Every patched forward's output carries `kept_positions` [B, L'] (the original position of each row, -1 =
+        padding slot of a shorter pruned sample).
     """
     if getattr(model, "_epic_ext_handle", None) is not None:
         raise RuntimeError("apply_compression: this model is already patched; call handle.remove() first")
@@ -540,6 +513,7 @@ def apply_compression(model, method: str = "fastv", layer: int = 2, ratio: float
     compressor = get_compressor(method, **method_kwargs)
     _validate_amount(ratio, keep)
     _validate_layer(layer, language_model.config.num_hidden_layers, compressor)
+    _hf.check_version()
     handle = CompressionHandle(model, _Settings(method, layer, ratio, keep, compressor))
     handle._install()
     return handle

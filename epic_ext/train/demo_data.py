@@ -64,7 +64,10 @@ def build_tiny_processor(vocab_words: Sequence[str], image_size: int = 56, patch
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors  # noqa: PLC0415
     from transformers import LlavaProcessor, PreTrainedTokenizerFast  # noqa: PLC0415
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: PLC0415
+
+    from ..models._hf import clip_image_processor_class  # noqa: PLC0415
+
+    CLIPImageProcessorPil = clip_image_processor_class()  # noqa: N806
 
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")

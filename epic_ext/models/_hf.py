@@ -1,0 +1,259 @@
+"""The only module of epic_ext that touches transformers internals.
+
+Every function, private name, registry and calling convention of transformers that the package relies on is
+reached through here, each with a note of what it relies on. Public, documented API (`from_pretrained`,
+`AutoConfig`, `generate`, model classes) may be used elsewhere; nothing else imports from `transformers.*`
+submodules. When a release moves something, the change belongs in this file alone, and `make test-compat`
+exercises the lowest supported release and the newest one that installs.
+
+Known moves absorbed here:
+- 5.24 renamed the cache keyword from `past_key_values` to `cache` in `create_causal_mask`, the decoder layers,
+  the attention modules, the model forwards and the output dataclasses (`past_key_values=` is deprecated until
+  5.40; when both arrive, the layer uses `cache=None`, so a forward that passes the old name writes no KV cache).
+- 5.17 needs 2-D position ids for the rotary embedding (callers expand before gathering).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import sys
+from typing import Any, Callable
+
+import torch
+
+_logger = logging.getLogger("epic_ext.models")
+
+# The releases `make test` and `make test-compat` run against. The upper bound is the newest release tested; newer
+# ones are used (with one warning) because most releases do not move what we touch.
+MIN_VERSION = "5.17.0"
+MAX_TESTED_VERSION = "5.24.0"
+SUPPORTED_RANGE = f">={MIN_VERSION},<={MAX_TESTED_VERSION}"
+
+_warned_version = False
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def _modules() -> dict[str, Any]:
+    try:
+        import transformers  # noqa: PLC0415
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(f"epic_ext.models needs transformers{SUPPORTED_RANGE}: "
+                          f"pip install 'transformers>={MIN_VERSION}'") from exc
+    if _version_tuple(transformers.__version__) < _version_tuple(MIN_VERSION):
+        raise ImportError(f"epic_ext.models needs transformers>={MIN_VERSION} (found {transformers.__version__}); "
+                          f"the tested range is {SUPPORTED_RANGE}")
+    # cache_utils.DynamicCache: the default cache; its `layers[i].keys/values` are read for KV bytes.
+    from transformers import cache_utils  # noqa: PLC0415
+    # masking_utils.create_causal_mask(config, inputs_embeds, attention_mask, <cache kw>, position_ids, layer_idx=)
+    # builds the mask of one layer type; AttentionMaskInterface is the registry of mask builders per attention name.
+    from transformers import masking_utils  # noqa: PLC0415
+    # modeling_outputs.BaseModelOutputWithPast: what a language model's forward returns.
+    from transformers import modeling_outputs  # noqa: PLC0415
+    # modeling_utils.ALL_ATTENTION_FUNCTIONS / AttentionInterface: the attention registry the layers dispatch on by
+    # config._attn_implementation.
+    from transformers import modeling_utils  # noqa: PLC0415
+
+    return dict(transformers=transformers, cache_utils=cache_utils, masking_utils=masking_utils,
+                modeling_outputs=modeling_outputs, modeling_utils=modeling_utils)
+
+
+def version() -> str:
+    return _modules()["transformers"].__version__
+
+
+def check_version() -> None:
+    """Logs one warning (per process) when the installed transformers is newer than the newest tested release."""
+    global _warned_version
+    found = version()
+    if _warned_version or _version_tuple(found) <= _version_tuple(MAX_TESTED_VERSION):
+        return
+    _warned_version = True
+    _logger.warning("epic_ext.models is tested with transformers %s; found %s, outside that range: check the results "
+                    "(make test-compat runs the tests against a given release)", SUPPORTED_RANGE, found)
+
+
+# ------------------------------------------------------------------------------------------------- cache keyword --
+@functools.lru_cache(maxsize=None)
+def cache_keyword() -> str:
+    """'cache' (5.24+) or 'past_key_values' (up to 5.23): read from create_causal_mask's signature, which moved in
+    the same release as the decoder layers and the model forwards."""
+    parameters = inspect.signature(_modules()["masking_utils"].create_causal_mask).parameters
+    if "cache" in parameters:
+        return "cache"
+    if "past_key_values" in parameters:
+        return "past_key_values"
+    raise RuntimeError(f"epic_ext: transformers {version()} create_causal_mask takes neither cache= nor "
+                       f"past_key_values= (tested: {SUPPORTED_RANGE})")
+
+
+def cache_kwargs(cache) -> dict[str, Any]:
+    """Keyword arguments that hand `cache` to a decoder layer, an attention module or a model forward (all renamed
+    together in 5.24)."""
+    return {cache_keyword(): cache}
+
+
+def pop_incoming_cache(past_key_values, kwargs: dict):
+    """The cache a replaced language-model forward was given, under either keyword (LlavaModel passes `cache=` from
+    5.24, `past_key_values=` before). Removes it from kwargs so it is not passed on twice."""
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("epic_ext: got both cache= and past_key_values=; pass one")
+    return cache if cache is not None else past_key_values
+
+
+def output_cache(output):
+    """The cache of a model output (`.cache` from 5.24, `.past_key_values` before; the old name warns in 5.24)."""
+    if "cache" in getattr(type(output), "__dataclass_fields__", {}):
+        return output.cache
+    return output.past_key_values
+
+
+def new_dynamic_cache(config):
+    # DynamicCache(config=...) builds per-layer caches of the right types (5.x).
+    return _modules()["cache_utils"].DynamicCache(config=config)
+
+
+def require_dynamic_cache(cache) -> None:
+    """Pruning gives layers >= K a shorter cache: only DynamicCache (independent, growing layers) holds that."""
+    if cache is None:
+        return
+    dynamic = _modules()["cache_utils"].DynamicCache
+    if not isinstance(cache, dynamic):
+        raise NotImplementedError(
+            f"epic_ext compression does not support {type(cache).__name__} (static KV caches included): pruning "
+            "shortens the cache of layers >= K; use the default dynamic cache")
+
+
+def cache_length(cache) -> int:
+    # get_seq_length() reads layer 0, which is never pruned: the true (original-position) length.
+    return cache.get_seq_length() if cache is not None else 0
+
+
+def cache_layer_tensors(cache) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """(keys, values) of every layer of a DynamicCache (5.x: `cache.layers[i].keys / .values`)."""
+    return [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in cache.layers]
+
+
+def base_model_output(last_hidden_state: torch.Tensor, cache):
+    output_class = _modules()["modeling_outputs"].BaseModelOutputWithPast
+    return output_class(last_hidden_state=last_hidden_state, **cache_kwargs(cache))
+
+
+# ------------------------------------------------------------------------------------------------------- masks --
+def create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids, layer_idx: int | None = None):
+    """The stock causal-mask builder. `layer_idx` sizes the key length from that layer's cache (pruned layers are
+    shorter); without it, layer 0's length is used."""
+    create = _modules()["masking_utils"].create_causal_mask
+    kwargs = {"config": config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+              "position_ids": position_ids, **cache_kwargs(cache)}
+    if layer_idx is not None:
+        kwargs["layer_idx"] = layer_idx
+    return create(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------- attention --
+def attention_function(name: str) -> Callable:
+    # ALL_ATTENTION_FUNCTIONS[name]: what the layers call for config._attn_implementation == name.
+    return _modules()["modeling_utils"].ALL_ATTENTION_FUNCTIONS[name]
+
+
+def has_attention_function(name: str) -> bool:
+    return name in _modules()["modeling_utils"].ALL_ATTENTION_FUNCTIONS
+
+
+def eager_attention_function(attention_module) -> Callable:
+    """`eager` is not in the registry: each modeling file defines eager_attention_forward beside its layers."""
+    module = sys.modules[type(attention_module).__module__]
+    function = getattr(module, "eager_attention_forward", None)
+    if function is None:
+        raise ValueError(f"apply_compression: {module.__name__} has no eager_attention_forward to wrap")
+    return function
+
+
+def register_attention(name: str, function: Callable, mask_of: str) -> None:
+    """Registers an attention function under `name` with the mask builder of `mask_of`.
+
+    AttentionInterface.register / AttentionMaskInterface.register are classmethods writing the global mappings; item
+    assignment on an instance would not reach create_causal_mask, which then passes mask None (left padding breaks).
+    """
+    modules = _modules()
+    masks = modules["masking_utils"].AttentionMaskInterface
+    mask_function = masks._global_mapping.get(mask_of)  # private: the mask builder registered per attention name
+    if mask_function is None:
+        raise ValueError(f"apply_compression: no mask function for attention implementation {mask_of!r}")
+    modules["modeling_utils"].AttentionInterface.register(name, function)
+    masks.register(name, mask_function)
+
+
+def text_attention_implementation(text_config) -> str:
+    # config._attn_implementation: the name the text model's layers dispatch on.
+    return text_config._attn_implementation
+
+
+def set_text_attention_implementation(model, text_config, name: str) -> None:
+    """Switches only the language model: set_attn_implementation(name) would also switch the vision tower."""
+    model.set_attn_implementation({"text_config": name})
+    if text_config._attn_implementation != name:  # a release whose setter skipped the text config
+        text_config._attn_implementation_internal = name  # private backing field of _attn_implementation
+
+
+# ------------------------------------------------------------------------------------------------ forward glue --
+def language_model_forward_decorators() -> list[Callable]:
+    """The decorators of LlamaModel.forward (config defaults; output_hidden_states / attentions capture), applied to a
+    replacement forward so it behaves like the stock one. Their home moved between releases."""
+    decorators = []
+    generic = _modules()["transformers"].utils.generic
+    merge = getattr(generic, "merge_with_config_defaults", None)
+    if merge is not None:
+        decorators.append(merge)
+    try:
+        from transformers.utils.output_capturing import capture_outputs  # noqa: PLC0415
+    except ImportError:
+        capture_outputs = getattr(generic, "check_model_inputs", None)
+    if capture_outputs is not None:
+        decorators.append(capture_outputs)
+    return decorators
+
+
+def install_forward(module: torch.nn.Module, forward: Callable) -> None:
+    """Replaces `module.forward` on the instance (not the class: a dynamic subclass loses output capture, which is
+    keyed by class; not the decoder layers: 5.23+ checkpoints through the class forward)."""
+    for decorator in reversed(language_model_forward_decorators()):
+        forward = decorator(forward)
+    module.forward = forward.__get__(module)
+
+
+def remove_forward(module: torch.nn.Module) -> None:
+    module.__dict__.pop("forward", None)
+
+
+def decoder_layer_call(decoder_layer, hidden_states, *, attention_mask, position_embeddings, position_ids, cache,
+                       use_cache, **kwargs):
+    """Calls a decoder layer the way the stock loop does (keyword arguments; the cache keyword of the release)."""
+    return decoder_layer(hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings,
+                         position_ids=position_ids, use_cache=use_cache, **cache_kwargs(cache), **kwargs)
+
+
+def attention_call(attention_module, hidden_states, *, attention_mask, position_embeddings, position_ids, **kwargs):
+    """Calls a self-attention module without a cache (the K = 0 dry scoring call)."""
+    return attention_module(hidden_states=hidden_states, attention_mask=attention_mask,
+                            position_embeddings=position_embeddings, position_ids=position_ids, **cache_kwargs(None),
+                            **kwargs)
+
+
+# -------------------------------------------------------------------------------------------------- the demo --
+def clip_image_processor_class():
+    """The PIL CLIP image processor (no torchvision needed); its module path is not part of the public API."""
+    from transformers.models.clip import image_processing_pil_clip  # noqa: PLC0415
+
+    return image_processing_pil_clip.CLIPImageProcessorPil
