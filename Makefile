@@ -14,13 +14,13 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
 PROFILE ?= quick
-.PHONY: all setup build test demo bench ablation cuda-check clean
+.PHONY: all setup build test test-compat install-check demo bench ablation cuda-check clean
 all: test
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS_STAMP): constraints.txt requirements-dev.txt | $(VPY)
+$(DEPS_STAMP): constraints.txt requirements-dev.txt requirements-build.txt | $(VPY)
 	$(PIPC) torch==2.13.0
 	$(PIPC) -r requirements-dev.txt
 	DS_BUILD_OPS=0 $(PIPC) --no-build-isolation deepspeed==0.19.8
@@ -37,6 +37,16 @@ build: $(BUILD_STAMP)
 
 test: build
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# The transformers-dependent tests against the lowest supported transformers and the newest one that installs
+# (tools/test_compat.py; each in build/compat/, in front of .venv, nothing rebuilt). A failure names the release.
+test-compat: build
+	$(VPY) tools/test_compat.py
+
+# The README's install commands, verbatim, in a fresh venv that holds only torch (PIP_CONSTRAINT keeps them on our
+# pins), then the whole suite against that regular (non-editable) install, run from outside the source tree.
+install-check:
+	tools/install_check.sh
 
 demo: build
 	$(VPY) -m epic_ext.train --demo --output-dir runs/demo

@@ -23,7 +23,8 @@ def test_smoke_profile(tmp_path):
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
     cmd = [sys.executable, str(ROOT / "bench" / "ablation.py"), "--profile", "smoke", "--work-dir",
            str(tmp_path / "work"), "--results-dir", str(tmp_path / "results")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    # cwd outside the source tree: the script's `-m epic_ext.train` children must import the installed package
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "zero-shot gap" in proc.stdout
     report = json.loads((tmp_path / "results" / "ablation_smoke.json").read_text())
@@ -32,5 +33,5 @@ def test_smoke_profile(tmp_path):
     assert (tmp_path / "results" / "ablation_smoke.png").stat().st_size > 1000
     assert "| TCD |" in (tmp_path / "results" / "ablation_smoke.md").read_text()
     # a second run finds every stage cached
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert again.returncode == 0 and "stage 2: 0 runs to train" in again.stdout

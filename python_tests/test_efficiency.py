@@ -134,9 +134,10 @@ def test_cli_prints_the_table(capsys):
     assert [line.split()[0] for line in lines[3:]] == ["576", "192", "128", "64"]
 
 
-def test_cli_runs_as_module():
+def test_cli_runs_as_module(tmp_path):
+    # cwd outside the source tree: `-m` would otherwise import the sources instead of an installed package
     result = subprocess.run([sys.executable, "-m", "epic_ext.efficiency", "--model", "llava-1.5-13b", "--keep",
-                             "128"], capture_output=True, text=True, timeout=120)
+                             "128"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "llava-1.5-13b: 40 layers" in result.stdout and result.stdout.splitlines()[-1].split()[0] == "128"
 

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from epic_ext.models import apply_compression  # noqa: E402
+from epic_ext.models import _hf, apply_compression  # noqa: E402
 from epic_ext.models.tiny import build_tiny_llava  # noqa: E402
 from llava_data import make_llava_batch  # noqa: E402
 
@@ -208,14 +208,14 @@ def test_gradient_checkpointing_matches(use_reentrant):
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            _hf.enable_activation_checkpointing(model, use_reentrant=use_reentrant)
         handle = apply_compression(model, "fastv", layer=2, keep=6)
         model.zero_grad()
         out = model(**batch, labels=labels)
         out.loss.backward()
         handle.remove()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    model.gradient_checkpointing_disable()
+    _hf.disable_activation_checkpointing(model)
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
@@ -271,8 +271,6 @@ def test_double_patch_is_an_error(model):
 
 # ---- transformers compatibility (issue: 5.24 renamed the cache keyword and cached generate broke silently) ----
 def _cache_of(out):
-    from epic_ext.models import _hf  # noqa: PLC0415
-
     return _hf.output_cache(out)
 
 
@@ -400,8 +398,6 @@ def test_amount_is_required(model):
 
 @pytest.mark.parametrize("settings", [dict(keep=16), dict(ratio=0.0)])
 def test_kept_positions_on_every_patched_forward(model, settings):
-    from epic_ext.models import _hf  # noqa: PLC0415
-
     layouts = [[3, "img", 6], [8]]
     batch = make_llava_batch(model, layouts, padding="left", seed=17)
     handle = apply_compression(model, "fastv", layer=2, **settings)
@@ -419,8 +415,6 @@ def test_kept_positions_on_every_patched_forward(model, settings):
 
 
 def test_version_outside_tested_range_warns_once(model, monkeypatch, caplog):
-    from epic_ext.models import _hf  # noqa: PLC0415
-
     monkeypatch.setattr(_hf, "version", lambda: "99.0.0")
     monkeypatch.setattr(_hf, "_warned_version", False)
     with caplog.at_level("WARNING", logger="epic_ext.models"):
@@ -471,3 +465,17 @@ def test_fastv_importance_of_a_padded_sample_equals_its_importance_alone(model):
     batched, alone = seen[0][0, real], seen[1][0]
     assert float(alone.sum()) == pytest.approx(1.0, abs=1e-5)
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_supported_range_is_declared_consistently():
+    import pathlib  # noqa: PLC0415
+    import tomllib  # noqa: PLC0415
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    for extra in ("hf", "train"):
+        assert f"transformers{_hf.SUPPORTED_RANGE}" in project["optional-dependencies"][extra], extra
+    pins = [line.strip() for line in (root / "constraints.txt").read_text().splitlines()
+            if line.startswith("transformers==")]
+    assert pins == [f"transformers=={_hf.MAX_TESTED_VERSION}"], "make test must run the newest tested release"
+    assert f"transformers {_hf.MIN_VERSION[:4]}" in (root / "README.md").read_text()

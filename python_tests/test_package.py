@@ -19,7 +19,7 @@ def test_build_info_matches_the_running_torch():
     assert (info["cuda_archs"] != "") == info["cuda_built"]  # archs listed exactly when CUDA kernels were built
 
 
-def test_missing_extension_imports_and_ops_say_how_to_build():
+def test_missing_extension_imports_and_ops_say_how_to_build(tmp_path):
     code = (
         "import sys; sys.modules['epic_ext._C'] = None\n"  # makes `import epic_ext._C` fail like a missing build
         "import torch, epic_ext\n"
@@ -31,7 +31,7 @@ def test_missing_extension_imports_and_ops_say_how_to_build():
         "except RuntimeError as exc:\n"
         "    print('ERROR', exc)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "True" in proc.stdout  # the pure-torch references still work
     assert "ERROR epic_ext: the compiled extension epic_ext._C could not be loaded" in proc.stdout

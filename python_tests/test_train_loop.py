@@ -52,7 +52,8 @@ def run_train(assets, out_dir, *extra, nproc=1, check=True):
             port = sock.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
                "-m", "epic_ext.train", *base]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    # cwd outside the source tree: `-m` would otherwise import the sources instead of an installed package
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=pathlib.Path(out_dir).parent)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
@@ -123,8 +124,8 @@ def test_export_loads_back_and_generates(assets, tmp_path):
 
 def test_bad_arguments_exit_with_a_message(assets, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "epic_ext.train", "--data", assets["data"]], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "--model and --data are required" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "epic_ext.train", "--demo", "--method", "nope"], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "--method must be one of" in proc.stderr

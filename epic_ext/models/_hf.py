@@ -25,11 +25,12 @@ import torch
 
 _logger = logging.getLogger("epic_ext.models")
 
-# The releases `make test` and `make test-compat` run against. The upper bound is the newest release tested; newer
-# ones are used (with one warning) because most releases do not move what we touch.
+# The supported range (also in pyproject.toml): from the lowest release `make test-compat` runs to the newest one
+# tested (pinned for `make test` in constraints.txt), patch releases included. Newer ones are used with one warning:
+# most releases do not move what we touch, and `make test-compat` tries the newest installable one.
 MIN_VERSION = "5.17.0"
 MAX_TESTED_VERSION = "5.24.0"
-SUPPORTED_RANGE = f">={MIN_VERSION},<={MAX_TESTED_VERSION}"
+SUPPORTED_RANGE = ">=5.17,<5.25"
 
 _warned_version = False
 
@@ -72,10 +73,10 @@ def version() -> str:
 
 
 def check_version() -> None:
-    """Logs one warning (per process) when the installed transformers is newer than the newest tested release."""
+    """Logs one warning (per process) when the installed transformers is newer than the tested range."""
     global _warned_version
     found = version()
-    if _warned_version or _version_tuple(found) <= _version_tuple(MAX_TESTED_VERSION):
+    if _warned_version or _version_tuple(found)[:2] <= _version_tuple(MAX_TESTED_VERSION)[:2]:
         return
     _warned_version = True
     _logger.warning("epic_ext.models is tested with transformers %s; found %s, outside that range: check the results "
@@ -257,3 +258,21 @@ def clip_image_processor_class():
     from transformers.models.clip import image_processing_pil_clip  # noqa: PLC0415
 
     return image_processing_pil_clip.CLIPImageProcessorPil
+
+
+# -------------------------------------------------------------------------------------- activation checkpointing --
+def enable_activation_checkpointing(model, *, use_reentrant: bool = False) -> None:
+    """5.24 renamed gradient_checkpointing_enable(gradient_checkpointing_kwargs=) to
+    activation_checkpointing_enable(activation_checkpointing_kwargs=); the old name warns until v6."""
+    settings = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=settings)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
+
+
+def disable_activation_checkpointing(model) -> None:
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()

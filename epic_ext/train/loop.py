@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..distill import DistillConfig, distillation_loss, shifted_targets
-from ..models import apply_compression
+from ..models import _hf, apply_compression
 from ..schedules import ScheduleConfig, compression_at
 from .config import TrainConfig, deepspeed_config
 
@@ -190,7 +190,7 @@ def train(cfg: TrainConfig) -> dict:
 
     model, processor = load_model_and_processor(cfg)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _hf.enable_activation_checkpointing(model, use_reentrant=False)
         model.config.use_cache = False
     groups = _param_groups(model, cfg)
     handle = apply_compression(model, cfg.method, layer=cfg.layer, ratio=cfg.ratio)

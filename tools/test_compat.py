@@ -1,0 +1,129 @@
+"""Run the transformers-dependent tests against other transformers releases (`make test-compat`).
+
+`make test` runs against the release pinned in constraints.txt. This script checks the two ends of the supported
+range: the lowest supported release (epic_ext.models._hf.MIN_VERSION) and the newest release that installs from the
+package index today (whatever `pip install transformers` resolves to, even beyond the declared range: that is how a
+new release's breakage shows up before users see it).
+
+Each release is installed with its own dependencies into build/compat/transformers-<version>/ (pip --target) and
+put in front of the project's virtual environment with PYTHONPATH, so torch, the compiled extension and DeepSpeed
+are shared and nothing is rebuilt. numpy stays at the environment's version. A failure names the release.
+
+Usage: python tools/test_compat.py [--versions 5.17.0 newest] [--tests FILE ...] [-- pytest args]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+COMPAT_DIR = ROOT / "build" / "compat"
+# Everything that imports transformers: the model patch, efficiency, the distillation loss, training, evaluation.
+DEFAULT_TESTS = ["python_tests/test_models_llava.py", "python_tests/test_efficiency.py",
+                 "python_tests/test_distill.py", "python_tests/test_train_data.py",
+                 "python_tests/test_train_config.py", "python_tests/test_train_loop.py"]
+
+
+def lowest_version() -> str:
+    """MIN_VERSION of epic_ext/models/_hf.py (read as text: importing the package would import transformers)."""
+    match = re.search(r'^MIN_VERSION = "([^"]+)"', (ROOT / "epic_ext" / "models" / "_hf.py").read_text(), re.M)
+    if match is None:
+        raise RuntimeError("epic_ext/models/_hf.py defines no MIN_VERSION")
+    return match.group(1)
+
+
+def pinned_version() -> str | None:
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("transformers=="):
+            return line.split("==", 1)[1]
+    return None
+
+
+def install(spec: str, target: pathlib.Path) -> str:
+    """pip install --target; returns the installed transformers version."""
+    constraints = target.parent / "compat-constraints.txt"
+    constraints.parent.mkdir(parents=True, exist_ok=True)
+    # the project's constraints minus its transformers pin, plus numpy at the environment's version (a second
+    # numpy in front of the one torch was loaded with would be asking for trouble)
+    lines = [line for line in (ROOT / "constraints.txt").read_text().splitlines()
+             if not line.strip().startswith("transformers")]
+    lines.append(f"numpy=={importlib.metadata.version('numpy')}")
+    constraints.write_text("\n".join(lines) + "\n")
+    if target.exists():
+        shutil.rmtree(target)
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target", str(target),
+           "-c", str(constraints), spec]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pip could not install {spec}:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+    found = sorted(target.glob("transformers-*.dist-info"))
+    if not found:
+        raise RuntimeError(f"pip installed no transformers into {target}")
+    return found[0].name[len("transformers-"): -len(".dist-info")]
+
+
+def run_tests(target: pathlib.Path, version: str, tests: list[str], pytest_args: list[str]) -> int:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")])))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
+    check = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
+                           env=env, capture_output=True, text=True, cwd=ROOT)
+    seen = check.stdout.strip()
+    if seen != version:
+        print(f"test-compat: expected transformers {version} in front of the environment, python sees {seen!r}"
+              f"{check.stderr[-1000:]}", flush=True)
+        return 1
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, *pytest_args]
+    return subprocess.run(cmd, env=env, cwd=ROOT).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pytest_args = []
+    if "--" in argv:
+        pytest_args = argv[argv.index("--") + 1:]
+        argv = argv[: argv.index("--")]
+    parser = argparse.ArgumentParser(description="Run the transformers-dependent tests against other releases.")
+    parser.add_argument("--versions", nargs="+", default=["lowest", "newest"],
+                        help="releases to test: 'lowest' (the lowest supported), 'newest' (the newest that "
+                             "installs), or exact versions")
+    parser.add_argument("--tests", nargs="+", default=DEFAULT_TESTS, help="test files to run")
+    args = parser.parse_args(argv)
+    results = []
+    for wanted in args.versions:
+        spec = {"lowest": f"transformers=={lowest_version()}", "newest": "transformers"}.get(
+            wanted, f"transformers=={wanted}")
+        target = COMPAT_DIR / f"transformers-{wanted}"
+        start = time.perf_counter()
+        print(f"test-compat: installing {spec} ({wanted}) into {target.relative_to(ROOT)}", flush=True)
+        try:
+            version = install(spec, target)
+        except RuntimeError as exc:
+            print(f"test-compat: {wanted}: {exc}", flush=True)
+            results.append((wanted, "?", "INSTALL FAILED", time.perf_counter() - start))
+            continue
+        note = " (the release make test pins)" if version == pinned_version() else ""
+        print(f"test-compat: transformers {version}{note}: running {len(args.tests)} test files", flush=True)
+        code = run_tests(target, version, args.tests, pytest_args)
+        results.append((wanted, version, "passed" if code == 0 else f"FAILED (pytest exit {code})",
+                        time.perf_counter() - start))
+    print("\ntest-compat summary:")
+    for wanted, version, outcome, seconds in results:
+        print(f"  transformers {version:<8} ({wanted}): {outcome}, {seconds:.0f} s")
+    failed = [f"transformers {version} ({wanted})" for wanted, version, outcome, _ in results if outcome != "passed"]
+    if failed:
+        print(f"test-compat: FAILED on {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
