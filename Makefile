@@ -40,8 +40,9 @@ test: build
 
 # The transformers-dependent tests against the lowest supported transformers and the newest one that installs
 # (tools/test_compat.py; each in build/compat/, in front of .venv, nothing rebuilt). A failure names the release.
+COMPAT_ARGS ?=
 test-compat: build
-	$(VPY) tools/test_compat.py
+	$(VPY) tools/test_compat.py $(COMPAT_ARGS)
 
 # The README's install commands, verbatim, in a fresh venv that holds only torch (PIP_CONSTRAINT keeps them on our
 # pins), then the whole suite against that regular (non-editable) install, run from outside the source tree.
