@@ -180,12 +180,7 @@ def test_labels_loss_on_pruned_logits(model):
     labels = batch["input_ids"].clone()
     labels[:, :-4] = -100  # supervise the last tokens only
     labels[batch["attention_mask"] == 0] = -100
-    handle = apply_compression(model, "fastv", layer=2, keep=4)
-    try:
-        with torch.no_grad():
-            out = model(**batch, labels=labels)
-    finally:
-        handle.remove()
+    out = compressed_forward(model, batch, keep=4, forward_kwargs={"labels": labels})
     kept = out.kept_positions
     logits = out.logits
     losses, count = 0.0, 0
@@ -274,16 +269,21 @@ def _cache_of(out):
     return _hf.output_cache(out)
 
 
+def compressed_forward(model, batch, method="fastv", layer=2, forward_kwargs=None, **amount):
+    """One no-grad forward with compression applied, then removed."""
+    handle = apply_compression(model, method, layer=layer, **amount)
+    try:
+        with torch.no_grad():
+            return model(**batch, **(forward_kwargs or {}))
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("layer, keep", [(2, 5), (1, 16), (0, 3)])
 def test_cache_holds_full_keys_below_k_and_pruned_keys_from_k(model, layer, keep):
     layouts = [[3, "img", 6], [25, "img", 2], [1, "img", 30], [12]]  # lengths differ by 20+, a text-only sample
     batch = make_llava_batch(model, layouts, padding="left", seed=11)
-    handle = apply_compression(model, "fastv", layer=layer, keep=keep)
-    try:
-        with torch.no_grad():
-            out = model(**batch, use_cache=True)
-    finally:
-        handle.remove()
+    out = compressed_forward(model, batch, layer=layer, keep=keep, forward_kwargs={"use_cache": True})
     cache = _cache_of(out)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     length = ids.shape[1]
@@ -305,12 +305,7 @@ def test_cache_holds_full_keys_below_k_and_pruned_keys_from_k(model, layer, keep
 
 def test_cache_written_at_ratio_zero_batch_one(model):
     batch = make_llava_batch(model, [[3, "img", 6]], seed=12)
-    handle = apply_compression(model, "fastv", layer=2, ratio=0.0)
-    try:
-        with torch.no_grad():
-            out = model(**batch, use_cache=True)
-    finally:
-        handle.remove()
+    out = compressed_forward(model, batch, ratio=0.0, forward_kwargs={"use_cache": True})
     length = batch["input_ids"].shape[1]
     for i, cache_layer in enumerate(_cache_of(out).layers):
         assert cache_layer.keys is not None and cache_layer.keys.shape[2] == length, f"layer {i}"
