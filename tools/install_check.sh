@@ -18,9 +18,10 @@ pip install --quiet torch
 # --- the README's commands, verbatim ---
 pip install -r requirements-build.txt
 pip install --no-build-isolation ".[train]"
-python -c "import epic_ext; print(epic_ext.build_info())"
+(cd / && python -c "import epic_ext; print(epic_ext.build_info())")
 # --- the suite against the regular install ---
 pip install --quiet -r requirements-dev.txt
-python -c "import epic_ext, sys; assert 'site-packages' in epic_ext.__file__, epic_ext.__file__"
 cd "$WORK"
+python -c "import epic_ext; assert 'site-packages' in epic_ext.__file__, epic_ext.__file__; \
+assert epic_ext.extension_available(), epic_ext.build_info()"
 python -m pytest -p no:cacheprovider -c "$ROOT/pyproject.toml" --rootdir "$ROOT" "$ROOT/python_tests" "$@"
