@@ -17,7 +17,8 @@ never trained again, so an interrupted run resumes where it stopped.
 4. eval: every model (and the zero-shot stage-1 model) on the test split at each fraction of visual tokens with
    every method; identical items and, for Random, identical drop patterns for every model (paired). The
    zero-shot gap of the primary method is measured first: under 10 points the setting is reported uninformative.
-5. report: JSON, bench/results/ablation_<profile>-<preset>.md (mean and std over seeds, paired differences with bootstrap
+5. report: JSON, bench/results/ablation_<profile>-<preset>.md (mean and std over seeds, paired differences with
+   bootstrap
    95% intervals) and a PNG plot (accuracy vs kept visual tokens, one line per variant).
 
 Hyperparameters live in bench/ablation_profiles/<profile>.json and are chosen on the validation split only; the
@@ -399,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"profile {args.profile}: schedule_constants must be one of {PRESETS}")
     from epic_ext.schedules import resolve_constants
 
-    profile["constants_description"] = resolve_constants(profile["preset"], profile["stage2"]["train_method"]).describe()
+    constants = resolve_constants(profile["preset"], profile["stage2"]["train_method"])
+    profile["constants_description"] = constants.describe()
     log(f"stage 2 TCD constants: {profile['constants_description']}")
     work = pathlib.Path(args.work_dir or ROOT / "build" / "ablation" / profile["name"])
     work.mkdir(parents=True, exist_ok=True)
