@@ -18,8 +18,7 @@ never trained again, so an interrupted run resumes where it stopped.
    every method; identical items and, for Random, identical drop patterns for every model (paired). The
    zero-shot gap of the primary method is measured first: under 10 points the setting is reported uninformative.
 5. report: JSON, bench/results/ablation_<profile>-<preset>.md (mean and std over seeds, paired differences with
-   bootstrap
-   95% intervals) and a PNG plot (accuracy vs kept visual tokens, one line per variant).
+   bootstrap 95% intervals) and a PNG plot (accuracy vs kept visual tokens, one line per variant).
 
 Hyperparameters live in bench/ablation_profiles/<profile>.json and are chosen on the validation split only; the
 test split is read once per model, in stage 4.

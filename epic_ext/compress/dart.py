@@ -24,6 +24,8 @@ Choices where the release leaves room or differs, made explicit:
 - Ties (equal norms, equal similarities) go to the lower position. Similarities are computed in fp32 (fp64 inputs
   stay fp64).
 - Text-only samples (keep 0) keep nothing and cost nothing but masked arithmetic.
+- At K = 0 (nothing has run yet) the keys are layer 0's own, from a dry attention call, and the features are
+  norm(input embeddings).
 
 Batched over samples with no host synchronisation: one loop of image_pivots + text_pivots iterations, each a
 [B, L] similarity row and a stable sort; the per-sample budgets are tensors.
