@@ -14,6 +14,7 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
 PROFILE ?= quick
+CONSTANTS ?=
 .PHONY: all setup build test test-compat install-check demo bench ablation cuda-check clean
 all: test
 
@@ -58,7 +59,7 @@ bench: build
 # EPIC's ablations in miniature (bench/ablation.py): PROFILE=quick (CPU) or full (GPU); stages are cached in
 # build/ablation/$(PROFILE), so an interrupted run resumes.
 ablation: build
-	$(VPY) bench/ablation.py --profile $(PROFILE)
+	$(VPY) bench/ablation.py --profile $(PROFILE) $(if $(CONSTANTS),--schedule-constants $(CONSTANTS))
 
 # Compile every CUDA source with nvcc -c (also run as a test by `make test`).
 cuda-check: $(DEPS_STAMP)

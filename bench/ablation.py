@@ -1,6 +1,6 @@
 """A miniature reproduction of EPIC's ablations (paper Tables 3 and 4) on the generated shapes task.
 
-    python bench/ablation.py --profile quick|full [--work-dir DIR] [--stage all|data|stage1|stage2|eval|report]
+    python bench/ablation.py --profile quick|full [--schedule-constants paper|release] [--work-dir DIR]
 
 Every stage goes through the product's own code paths: the task generator and offline processor of the demo,
 `python -m epic_ext.train` (DeepSpeed, schedules, distillation loss) as subprocesses, and epic_ext.eval with the
@@ -10,12 +10,15 @@ never trained again, so an interrupted run resumes where it stopped.
 1. data: train / validation / test splits from fixed seeds.
 2. stage 1: a tiny LLaVA trained with all visual tokens, validated every chunk of steps, until the validation
    accuracy stops improving (patience) or the step cap; the best chunk's export is the stage-1 model.
-3. stage 2: from the stage-1 model, every variant x seed with the same step budget.
+3. stage 2: from the stage-1 model, every variant x seed with the same step budget, with the TCD constants of a
+   preset (`--schedule-constants`, else the profile's `schedule_constants`; lambda is the preset's unless the
+   profile sets `lam`). Stage 2 and the evaluations are cached per preset (stage2/<preset>, eval/<preset>); the
+   data and stage 1 are shared.
 4. eval: every model (and the zero-shot stage-1 model) on the test split at each fraction of visual tokens with
    every method; identical items and, for Random, identical drop patterns for every model (paired). The
    zero-shot gap of the primary method is measured first: under 10 points the setting is reported uninformative.
-5. report: JSON, bench/results/ablation_<profile>.md (mean and std over seeds, paired differences with bootstrap
-   95% intervals) and a PNG plot (accuracy vs kept visual tokens, one line per variant).
+5. report: JSON, bench/results/ablation_<profile>-<preset>.md (mean and std over seeds, paired differences with
+   bootstrap 95% intervals) and a PNG plot (accuracy vs kept visual tokens, one line per variant).
 
 Hyperparameters live in bench/ablation_profiles/<profile>.json and are chosen on the validation split only; the
 test split is read once per model, in stage 4.
@@ -39,7 +42,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROFILES = ROOT / "bench" / "ablation_profiles"
 RESULTS = ROOT / "bench" / "results"
 
-# variant -> train arguments (schedule, lambda); the compression target and layer come from the profile
+# variant -> train arguments (schedule, lambda, extra schedule constants); the compression target and layer come
+# from the profile (its `layer` plays the paper's layer 2). The paper's ablation rows: Table 3 "w/o progressive
+# compression ratio" = tcd_no_progressive_ratio (the student ratio drawn from the final range from the first step,
+# layer fixed), Table 4 "w/o progressive compression layer" = lcd_fixed_layer (LCD's target ratio and growing
+# teacher gap at the fixed layer), Table 5 = icd.
 VARIANTS = {
     "fixed_sft": dict(schedule="fixed", lam=0.0, label="fixed ratio, SFT only"),
     "fixed_kd": dict(schedule="fixed", lam=None, teacher_gap=True, label="fixed ratio + distillation"),
@@ -47,13 +54,18 @@ VARIANTS = {
     "tcd": dict(schedule="tcd", lam=None, label="TCD"),
     "lcd": dict(schedule="lcd", lam=None, label="LCD"),
     "lcd_no_kd": dict(schedule="lcd", lam=0.0, label="LCD w/o KD"),
-    "lcd_fixed_layer": dict(schedule="fixed", lam=None, teacher_gap=True, label="LCD w/o progressive layer",
-                            same_as="fixed_kd"),
-    "tcd_lcd": dict(schedule="tcd+lcd", lam=None, label="TCD+LCD"),
+    "lcd_fixed_layer": dict(schedule="fixed", lam=None, teacher_gap=True,
+                            label="LCD w/o progressive compression layer (Table 4)", same_as="fixed_kd"),
+    "tcd_no_progressive_ratio": dict(schedule="tcd", lam=None, constants={"progressive_ratio": False},
+                                     label="TCD w/o progressive compression ratio (Table 3)"),
+    "icd": dict(schedule="icd", lam=None, label="ICD (Table 5)"),
+    "tcd_lcd": dict(schedule="tcd+lcd", lam=None, label="TCD+LCD (both at once, ours)"),
 }
 # key comparisons: (better?, baseline)
-COMPARISONS = [("tcd", "fixed_sft"), ("tcd", "tcd_no_kd"), ("tcd", "fixed_kd"), ("lcd", "lcd_no_kd"),
-               ("lcd", "fixed_sft"), ("tcd_lcd", "tcd"), ("fixed_sft", "zero_shot")]
+COMPARISONS = [("tcd", "fixed_sft"), ("tcd", "tcd_no_kd"), ("tcd", "fixed_kd"), ("tcd", "tcd_no_progressive_ratio"),
+               ("lcd", "lcd_no_kd"), ("lcd", "lcd_fixed_layer"), ("lcd", "fixed_sft"), ("icd", "tcd"),
+               ("icd", "lcd"), ("tcd_lcd", "tcd"), ("fixed_sft", "zero_shot")]
+PRESETS = ("paper", "release")  # TCD constant presets of epic_ext.schedules
 
 
 def log(message: str) -> None:
@@ -178,25 +190,34 @@ def stage1(profile: dict, work: pathlib.Path, splits: dict) -> pathlib.Path:
     return best_dir
 
 
+def variant_constants(profile: dict, spec: dict) -> str:
+    """--schedule-constants of one variant: the run's preset, the profile's overrides, the variant's own."""
+    return json.dumps({"preset": profile["preset"], **profile.get("schedule_overrides", {}),
+                       **spec.get("constants", {})}, sort_keys=True)
+
+
 def stage2(profile: dict, work: pathlib.Path, splits: dict, base: pathlib.Path) -> dict:
     s2 = profile["stage2"]
+    root = work / "stage2" / profile["preset"]
     jobs = []
     for variant in s2["variants"]:
         spec = VARIANTS[variant]
         if "same_as" in spec and spec["same_as"] in s2["variants"]:
             continue  # identical configuration: evaluated from the other variant's models
         for seed in s2["seeds"]:
-            target = work / "stage2" / variant / f"seed{seed}"
+            target = root / variant / f"seed{seed}"
             if (target / "final" / "config.json").is_file():
                 continue
-            lam = profile["lam"] if spec["lam"] is None else spec["lam"]
+            lam = profile.get("lam") if spec["lam"] is None else spec["lam"]  # None: the preset's
             args = ["--model", str(base), "--data", splits["train"], "--image-folder", str(work / "data"),
                     "--output-dir", str(target), "--method", s2["train_method"], "--schedule", spec["schedule"],
                     "--ratio", str(profile["ratio"]), "--layer", str(profile["layer"]), "--min-layer",
-                    str(profile["layer"]), "--lam", str(lam), "--tau", str(profile["tau"]), "--lr", str(s2["lr"]),
+                    str(profile["layer"]), "--tau", str(profile["tau"]), "--lr", str(s2["lr"]),
                     "--warmup-ratio", "0.05", "--micro-batch-size", str(s2["batch"]), "--max-steps",
                     str(s2["steps"]), "--no-freeze-vision", "--zero", "0", "--seed", str(seed), "--max-length", "256",
-                    "--schedule-constants", json.dumps(profile.get("schedule_constants", {}))]
+                    "--schedule-constants", variant_constants(profile, spec)]
+            if lam is not None:
+                args += ["--lam", str(lam)]
             if spec.get("teacher_gap"):
                 args += ["--teacher-ratio", "gap"]
             jobs.append((variant, seed, target, args))
@@ -215,7 +236,7 @@ def stage2(profile: dict, work: pathlib.Path, splits: dict, base: pathlib.Path) 
     models = {}
     for variant in s2["variants"]:
         source = VARIANTS[variant].get("same_as") if VARIANTS[variant].get("same_as") in s2["variants"] else variant
-        models[variant] = {seed: work / "stage2" / source / f"seed{seed}" / "final" for seed in s2["seeds"]}
+        models[variant] = {seed: root / source / f"seed{seed}" / "final" for seed in s2["seeds"]}
     return models
 
 
@@ -233,7 +254,7 @@ def settings_for(profile: dict, n_visual: int) -> list[dict]:
 def eval_model(profile: dict, work: pathlib.Path, name: str, model_dir: pathlib.Path, items: list[dict],
                settings: list[dict]) -> list[dict]:
     """Cached test evaluation of one model: per setting, accuracy, families and per-item correctness."""
-    cache = work / "eval" / f"{name}.json"
+    cache = work / "eval" / profile["preset"] / f"{name}.json"  # per preset: no stale cache across presets
     if cache.is_file():
         return json.loads(cache.read_text())
     from epic_ext.eval import normalize_answer
@@ -265,7 +286,8 @@ def summarise(profile: dict, results: dict, gap: dict) -> dict:
     """results: model name -> {seed -> rows}. Returns the JSON report."""
     import statistics
 
-    summary = {"profile": profile["name"], "zero_shot_gap": gap, "variants": {}, "comparisons": []}
+    summary = {"profile": profile["name"], "preset": profile["preset"], "zero_shot_gap": gap, "variants": {},
+               "comparisons": []}
     for name, by_seed in results.items():
         rows = list(by_seed.values())
         table = []
@@ -295,12 +317,15 @@ def summarise(profile: dict, results: dict, gap: dict) -> dict:
 
 def write_report(profile: dict, summary: dict, machine: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = profile["name"]
+    name = f"{profile['name']}-{profile['preset']}"
     (RESULTS / f"ablation_{name}.json").write_text(json.dumps(summary, indent=1))
     primary = profile["eval"]["primary"]
     labels = {k: v["label"] for k, v in VARIANTS.items()} | {"zero_shot": "stage 1, zero-shot (no stage 2)"}
     lines = [f"# EPIC ablation, profile `{name}`", "", f"Machine: {machine}. Generated by `make ablation "
-             f"PROFILE={name}` ({time.strftime('%Y-%m-%d')}); raw numbers in `ablation_{name}.json`.", ""]
+             f"PROFILE={profile['name']} CONSTANTS={profile['preset']}` ({time.strftime('%Y-%m-%d')}); raw numbers "
+             f"in `ablation_{name}.json`.", "", f"TCD constants: preset `{profile['preset']}` "
+             f"({profile['constants_description']}); distillation weight "
+             + (f"{profile['lam']} (the profile's)" if profile.get("lam") is not None else "the preset's") + ".", ""]
     gap = summary["zero_shot_gap"]
     lines += [f"Zero-shot gap of the stage-1 model ({primary}, {gap['keep']} of {gap['n_visual']} visual tokens at "
               f"layer {profile['layer']}): {gap['gap']:.1f} points ({gap['full']:.1f}% -> {gap['compressed']:.1f}%)."
@@ -360,6 +385,8 @@ def write_report(profile: dict, summary: dict, machine: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="quick")
+    parser.add_argument("--schedule-constants", choices=PRESETS,
+                        help="TCD constant preset of stage 2 (default: the profile's schedule_constants)")
     parser.add_argument("--work-dir", help="cache of every stage (default build/ablation/<profile>)")
     parser.add_argument("--results-dir", help="where the report goes (default bench/results)")
     args = parser.parse_args(argv)
@@ -367,6 +394,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.results_dir:
         RESULTS = pathlib.Path(args.results_dir)
     profile = load_profile(args.profile)
+    profile["preset"] = args.schedule_constants or profile.get("schedule_constants", "release")
+    if profile["preset"] not in PRESETS:
+        raise SystemExit(f"profile {args.profile}: schedule_constants must be one of {PRESETS}")
+    from epic_ext.schedules import resolve_constants
+
+    constants = resolve_constants(profile["preset"], profile["stage2"]["train_method"])
+    profile["constants_description"] = constants.describe()
+    log(f"stage 2 TCD constants: {profile['constants_description']}")
     work = pathlib.Path(args.work_dir or ROOT / "build" / "ablation" / profile["name"])
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

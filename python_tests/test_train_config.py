@@ -12,6 +12,7 @@ pytest.importorskip("transformers")
 
 from epic_ext.eval import normalize_answer  # noqa: E402
 from epic_ext.models.tiny import build_tiny_llava  # noqa: E402
+from epic_ext.schedules import resolve_constants  # noqa: E402
 from epic_ext.train.config import TrainConfig, deepspeed_config, parse_args  # noqa: E402
 from epic_ext.train.loop import _lr_lambda, _param_groups  # noqa: E402
 
@@ -76,6 +77,8 @@ def test_user_deepspeed_config(tmp_path):
     (["--demo", "--method", "fastvv"], "--method must be one of"),
     (["--demo", "--schedule-constants", '{"gap_maxx": 0.2}'], "--schedule-constants: unknown"),
     (["--demo", "--schedule-constants", '{"layer": 3}'], "--schedule-constants: unknown or command-line-owned"),
+    (["--demo", "--schedule-constants", "papr"], "--schedule-constants: expected paper or release"),
+    (["--demo", "--schedule-constants", '{"preset": "arxiv"}'], "--schedule-constants: unknown preset"),
 ])
 def test_bad_command_lines(argv, match):
     with pytest.raises(ValueError, match=match):
@@ -84,7 +87,23 @@ def test_bad_command_lines(argv, match):
 
 def test_schedule_constants_reach_the_config():
     cfg = parse_args(["--demo", "--schedule", "lcd", "--schedule-constants", '{"gap_max": 0.2}', "--local_rank", "3"])
-    assert cfg.schedule == "lcd" and cfg.schedule_constants == {"gap_max": 0.2}
+    assert cfg.schedule == "lcd" and resolve_constants(cfg.schedule_constants).schedule["gap_max"] == 0.2
+
+
+@pytest.mark.parametrize("argv, preset, lam", [
+    ([], "release", 0.5),
+    (["--method", "random"], "release", 0.4),
+    (["--schedule-constants", "paper"], "paper", 0.7),
+    (["--schedule-constants", "paper", "--method", "random"], "paper", 0.7),
+    (["--schedule-constants", "release", "--lam", "0.3"], "release", 0.3),
+    (["--schedule-constants", '{"preset": "paper", "progressive_ratio": false}'], "paper", 0.7),
+])
+def test_presets_give_lambda_unless_given(argv, preset, lam):
+    cfg = parse_args(["--demo", *argv])
+    constants = resolve_constants(cfg.schedule_constants, cfg.method)
+    assert constants.preset == preset
+    assert cfg.resolved_lam(constants) == lam and cfg.resolved_tau(constants) == 1.0
+    assert TrainConfig().schedule_constants == "release"
 
 
 def test_answer_normalisation():

@@ -129,3 +129,17 @@ def test_bad_arguments_exit_with_a_message(assets, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "epic_ext.train", "--demo", "--method", "nope"], capture_output=True,
                           text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "--method must be one of" in proc.stderr
+
+
+def test_icd_with_the_paper_preset(assets, tmp_path):
+    """--schedule icd through the CLI: two stages (layers 1 then 0), the paper's TCD range restarting at the layer
+    change, the preset's lambda when --lam is not given, and the resolved constants logged at start."""
+    proc = run_train(assets, tmp_path, "--zero", "0", "--max-steps", "6", "--schedule", "icd", "--min-layer", "0",
+                     "--schedule-constants", '{"preset": "paper", "icd_stages": 2}')
+    assert 'TCD constants preset paper: {"gap_max": 0.3' in proc.stderr and "lam 0.7, tau 1" in proc.stderr
+    assert json.loads((tmp_path / "train_config.json").read_text())["lam"] == 0.7
+    metrics = losses(tmp_path)
+    assert [metrics[s]["student_layer"] for s in range(1, 7)] == [1, 1, 1, 0, 0, 0]
+    assert metrics[1]["student_ratio"] <= 0.05 and metrics[4]["student_ratio"] <= 0.05  # each stage starts small
+    # a stage's last step: local progress 2/3, so min(2/3) = 0.5 * 2/3
+    assert metrics[3]["student_ratio"] >= 1 / 3 and metrics[6]["student_ratio"] >= 1 / 3

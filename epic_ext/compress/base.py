@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,8 @@ class LayerContext:
         spans: for each sample, its image spans as (start, length) pairs (host lists).
         importance: [B, L] fp32 FastV importance, filled when the compressor asked for it (needs_importance).
         key: [B, Hkv, L, D] post-RoPE keys of layer K-1, filled when asked for (needs_key).
+        final_norm: the language model's final norm module (hidden [B, L, D] -> [B, L, D]); DART compares
+            tokens on final_norm(hidden_states), as its release does.
         generator: optional torch.Generator for random choices.
     """
 
@@ -40,6 +43,7 @@ class LayerContext:
     spans: list[list[tuple[int, int]]]
     importance: torch.Tensor | None = None
     key: torch.Tensor | None = None
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     generator: torch.Generator | None = None
     extras: dict = field(default_factory=dict)
 

@@ -456,7 +456,8 @@ def _prune(lm, handle: CompressionHandle, plan: _Plan, capture: _Capture, hidden
     ctx = LayerContext(hidden_states=hidden_states, image_mask=plan.image_mask, attention_mask=attention_mask,
                        query_positions=query_positions, prompt_mask=_prompt_mask(attention_mask, query_positions),
                        keep=keep, keep_counts=plan.keep_counts, max_keep=max(plan.keep_counts), spans=plan.spans,
-                       importance=capture.importance if capture else None, key=capture.key if capture else None)
+                       importance=capture.importance if capture else None, key=capture.key if capture else None,
+                       final_norm=lm.norm)
     kept_visual = handle.settings.compressor.select(ctx)  # [B, max_keep], -1 padded
     # Kept sequence: every non-visual position plus the kept visual ones, ascending; shorter samples are padded
     # on the left, so the last slot is the last real token for left-padded (generation) batches.

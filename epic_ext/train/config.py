@@ -8,10 +8,7 @@ import pathlib
 from dataclasses import asdict, dataclass, field
 
 from ..compress import available as available_methods
-from ..schedules import SCHEDULES, ScheduleConfig
-
-# ScheduleConfig fields the command line sets itself; --schedule-constants may change the others.
-_MANAGED_SCHEDULE_FIELDS = {"kind", "num_layers", "layer", "min_layer", "target_ratio", "teacher_ratio", "seed"}
+from ..schedules import DEFAULT_PRESET, SCHEDULES, ResolvedConstants, resolve_constants
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
@@ -33,9 +30,10 @@ class TrainConfig:
     layer: int = 2
     min_layer: int = 2
     teacher_ratio: float | None = 0.0  # fixed schedule's teacher
-    schedule_constants: dict = field(default_factory=dict)  # overrides of ScheduleConfig fields
-    lam: float = 0.7
-    tau: float = 1.0
+    # "paper" | "release" | JSON {"preset": ..., <schedules.CONSTANT_FIELDS>: ...} (see schedules.resolve_constants)
+    schedule_constants: str | dict = DEFAULT_PRESET
+    lam: float | None = None  # None: the preset's distillation weight
+    tau: float | None = None  # None: the preset's temperature
     # optimisation
     epochs: float = 1.0
     max_steps: int = 0  # > 0 overrides epochs
@@ -90,17 +88,23 @@ class TrainConfig:
             raise ValueError(f"--ratio must be in [0, 1), got {self.ratio}")
         if self.teacher_ratio is not None and not 0.0 <= self.teacher_ratio < 1.0:
             raise ValueError(f"--teacher-ratio must be in [0, 1) or 'gap', got {self.teacher_ratio}")
-        if not 0.0 <= self.lam <= 1.0:
+        try:
+            constants = resolve_constants(self.schedule_constants, self.method)
+        except ValueError as exc:
+            raise ValueError(f"--schedule-constants: {exc}") from None
+        if not 0.0 <= self.resolved_lam(constants) <= 1.0:
             raise ValueError(f"--lam must be in [0, 1], got {self.lam}")
-        if self.tau <= 0:
+        if self.resolved_tau(constants) <= 0:
             raise ValueError(f"--tau must be > 0, got {self.tau}")
-        allowed = set(ScheduleConfig.__dataclass_fields__) - _MANAGED_SCHEDULE_FIELDS
-        unknown = set(self.schedule_constants) - allowed
-        if unknown:
-            raise ValueError(f"--schedule-constants: unknown or command-line-owned keys {sorted(unknown)}; "
-                             f"allowed: {sorted(allowed)}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ValueError("give --epochs > 0 or --max-steps > 0")
+
+    def resolved_lam(self, constants: ResolvedConstants) -> float:
+        """--lam, or the preset's distillation weight when not given."""
+        return constants.lam if self.lam is None else self.lam
+
+    def resolved_tau(self, constants: ResolvedConstants) -> float:
+        return constants.tau if self.tau is None else self.tau
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -147,10 +151,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--teacher-ratio", type=lambda v: None if v == "gap" else float(v), default=defaults.teacher_ratio,
                    help="teacher ratio of the fixed schedule: a number (default 0: all tokens), or 'gap' for the "
                         "target ratio minus the schedule's growing gap")
-    p.add_argument("--schedule-constants", type=json.loads, default={},
-                   help='JSON overrides of ScheduleConfig fields, e.g. \'{"gap_max": 0.2}\'')
-    p.add_argument("--lam", type=float, default=defaults.lam, help="KD weight lambda (0 = plain SFT)")
-    p.add_argument("--tau", type=float, default=defaults.tau, help="distillation temperature")
+    p.add_argument("--schedule-constants", default=defaults.schedule_constants,
+                   help="TCD constants: 'release' (default: the authors' code), 'paper' (the paper's text), or a "
+                        'JSON object, e.g. \'{"preset": "paper", "gap_max": 0.2, "icd_stages": 4}\'')
+    p.add_argument("--lam", type=float, default=None, help="KD weight lambda (0 = plain SFT; default: the preset's)")
+    p.add_argument("--tau", type=float, default=None, help="distillation temperature (default: the preset's)")
     p.add_argument("--epochs", type=float, default=defaults.epochs)
     p.add_argument("--max-steps", type=int, default=defaults.max_steps)
     p.add_argument("--micro-batch-size", type=int, default=defaults.micro_batch_size)

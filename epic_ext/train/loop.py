@@ -12,6 +12,7 @@ step; resuming continues with exactly the batches, schedule draws and losses of 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ import torch
 
 from ..distill import DistillConfig, distillation_loss, shifted_targets
 from ..models import _hf, apply_compression
-from ..schedules import ScheduleConfig, compression_at
+from ..schedules import ScheduleConfig, compression_at, resolve_constants
 from .config import TrainConfig, deepspeed_config
 
 _logger = logging.getLogger(__name__)
@@ -178,6 +179,8 @@ def train(cfg: TrainConfig) -> dict:
 
     from .data import LlavaDataset, collate, load_records  # noqa: PLC0415
 
+    constants = resolve_constants(cfg.schedule_constants, cfg.method)
+    cfg = dataclasses.replace(cfg, lam=cfg.resolved_lam(constants), tau=cfg.resolved_tau(constants))
     rank, world, device = init_distributed()
     out_dir = pathlib.Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -205,7 +208,10 @@ def train(cfg: TrainConfig) -> dict:
     num_layers = model.config.text_config.num_hidden_layers
     schedule = ScheduleConfig(kind=cfg.schedule, num_layers=num_layers, layer=cfg.layer,
                               min_layer=min(cfg.min_layer, num_layers), target_ratio=cfg.ratio,
-                              teacher_ratio=cfg.teacher_ratio, seed=cfg.seed, **cfg.schedule_constants)
+                              teacher_ratio=cfg.teacher_ratio, seed=cfg.seed, **constants.schedule)
+    if rank == 0:
+        _logger.info("schedule %s, TCD constants %s; distillation lam %g, tau %g", cfg.schedule,
+                     constants.describe(), cfg.lam, cfg.tau)
     distill = DistillConfig(lam=cfg.lam, tau=cfg.tau)
 
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
