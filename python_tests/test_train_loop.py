@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from train_assets import make_train_assets
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
@@ -21,18 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from epic_ext.models.tiny import build_tiny_llava
-    from epic_ext.train.demo_data import build_tiny_processor, demo_vocabulary, make_shapes_task
-
-    root = tmp_path_factory.mktemp("train")
-    splits = make_shapes_task(root / "data", n_train=96, n_val=8, n_test=16, seed=1)
-    processor = build_tiny_processor(demo_vocabulary(), save_dir=root / "model")
-    tokenizer = processor.tokenizer
-    model = build_tiny_llava(seed=0, vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                             pad_token_id=tokenizer.pad_token_id, hidden=32, text_layers=2, heads=2, kv_heads=1)
-    model.save_pretrained(str(root / "model"))
-    return {"root": root, "model": str(root / "model"), "data": splits["train"], "test": splits["test"],
-            "images": str(root / "data")}
+    return make_train_assets(tmp_path_factory.mktemp("train"))
 
 
 def run_train(assets, out_dir, *extra, nproc=1, check=True):
