@@ -127,6 +127,36 @@ def test_on_bad_image_error_names_the_file(assets, tmp_path, capsys):
     assert "--on-bad-image error" in line and "train_000000.png" in line and "is missing" in line
 
 
+def fake_checkpoint(out_dir: pathlib.Path, argv: list[str], world_size: int | None) -> pathlib.Path:
+    """A checkpoint directory as the loop writes it, without DeepSpeed's files (the check runs before them)."""
+    from epic_ext.train.config import parse_args
+
+    step = out_dir / "checkpoints" / "step0000002"
+    step.mkdir(parents=True)
+    (out_dir / "checkpoints" / "latest").write_text(step.name)
+    if world_size is None:  # written before epic_run.json existed: ranks counted from the epic_rank files
+        for rank in range(2):
+            (step / f"epic_rank{rank}.pt").write_bytes(b"")
+        (out_dir / "train_config.json").write_text(parse_args(argv).to_json())
+    else:
+        (step / "epic_run.json").write_text(json.dumps({"step": 2, "world_size": world_size, "zero_stage": 2,
+                                                        "config": json.loads(parse_args(argv).to_json())}))
+    return step
+
+
+@pytest.mark.parametrize("world_size", [2, None])
+def test_resume_with_another_world_size_is_refused(assets, tmp_path, capsys, world_size):
+    argv = base_args(assets, tmp_path)
+    fake_checkpoint(tmp_path, argv, world_size)
+    line = refused(capsys, argv + ["--resume", "auto"])
+    assert "--resume" in line and "written by 2 processes, this run has 1" in line
+
+
+def test_resume_of_a_missing_checkpoint(assets, tmp_path, capsys):
+    line = refused(capsys, base_args(assets, tmp_path) + ["--resume", str(tmp_path / "nothing")])
+    assert line.startswith("error: --resume: no checkpoint under")
+
+
 def test_argparse_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--demo", "--zero", "two"])
@@ -151,10 +181,12 @@ def _help_defaults(module: str) -> tuple[str, list[str]]:
     """--help of a CLI, and the options whose non-None, non-suppressed default it does not show."""
     proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    if module == "epic_ext.train":
-        from epic_ext.train.config import build_parser
-    else:
-        from epic_ext.eval import build_parser
+    from epic_ext.efficiency import _parser as efficiency_parser
+    from epic_ext.eval import build_parser as eval_parser
+    from epic_ext.train.config import build_parser as train_parser
+
+    build_parser = {"epic_ext.train": train_parser, "epic_ext.eval": eval_parser,
+                    "epic_ext.efficiency": efficiency_parser}[module]
     blocks = re.split(r"\n  (?=-)", proc.stdout)
     missing = []
     for action in build_parser()._actions:
@@ -179,3 +211,7 @@ def test_eval_help_shows_defaults_and_a_complete_description():
     description = " ".join(text.split("\n\n")[1].split())
     assert description.startswith("Measures the exact-match accuracy") and description.endswith(".")
     assert not description.endswith("at several")
+
+
+def test_efficiency_help_shows_defaults():
+    assert _help_defaults("epic_ext.efficiency")[1] == []

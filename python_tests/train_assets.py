@@ -14,7 +14,8 @@ def make_train_assets(root: pathlib.Path) -> dict:
     splits = make_shapes_task(root / "data", n_train=96, n_val=8, n_test=16, seed=1)
     processor = build_tiny_processor(demo_vocabulary(), save_dir=root / "model")
     tokenizer = processor.tokenizer
-    model = build_tiny_llava(seed=0, vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    model = build_tiny_llava(seed=0, vocab_size=len(tokenizer),
+                             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                              pad_token_id=tokenizer.pad_token_id, hidden=32, text_layers=2, heads=2, kv_heads=1)
     model.save_pretrained(str(root / "model"))
     return {"root": root, "model": str(root / "model"), "data": splits["train"], "test": splits["test"],

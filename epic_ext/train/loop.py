@@ -166,11 +166,18 @@ def _global_grad_norm(engine) -> float | None:
 
 
 def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
-    """Drops the rows of metrics.jsonl after `last_step` (written after the checkpoint a run resumes from)."""
+    """Drops the rows of metrics.jsonl after `last_step` (written after the checkpoint a run resumes from), and
+    a last row cut short by a kill."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= last_step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 
