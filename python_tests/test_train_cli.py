@@ -215,3 +215,16 @@ def test_eval_help_shows_defaults_and_a_complete_description():
 
 def test_efficiency_help_shows_defaults():
     assert _help_defaults("epic_ext.efficiency")[1] == []
+
+
+def test_resume_may_extend_the_run_but_not_change_the_optimizer(assets, tmp_path, capsys, caplog):
+    from epic_ext.train.checkpoint import check_resume
+    from epic_ext.train.config import parse_args
+
+    argv = base_args(assets, tmp_path)
+    fake_checkpoint(tmp_path, argv, world_size=1)
+    longer = with_option(argv, "--max-steps", "4") + ["--resume", "auto", "--save-steps", "5"]
+    check_resume(parse_args(longer), world_size=1, zero_stage=2)
+    assert "the run's length changed (--max-steps 2 -> 4)" in caplog.text
+    line = refused(capsys, longer + ["--lr", "1e-3", "--seed", "5"])
+    assert "--lr 0.001 (checkpoint: 2e-05); --seed 5 (checkpoint: 0)" in line

@@ -23,12 +23,15 @@ _logger = logging.getLogger(__name__)
 
 RUN_FILE = "epic_run.json"
 
-# TrainConfig fields a resume may change: logging, checkpointing, output and post-training options. Every other
-# field shapes the batches, schedule draws, optimizer or model, and a change would silently make a different run.
+# TrainConfig fields a resume may change: logging, checkpointing, output and post-training options, and the
+# run's length (extending a run; the schedule and learning rate follow the new length from the resumed step on,
+# with a warning). Every other field shapes the batches, schedule draws, optimizer or model, and a change would
+# silently make a different run.
 RESUME_MAY_CHANGE = frozenset({
     "resume", "output_dir", "save_steps", "keep_checkpoints", "log_steps", "export", "eval_data", "eval_keep",
-    "stop_after_steps", "max_skip_fraction", "on_bad_image", "demo_steps",
+    "stop_after_steps", "max_skip_fraction", "on_bad_image", "demo_steps", "max_steps", "epochs",
 })
+_LENGTH = ("max_steps", "epochs")
 
 
 def rng_state() -> dict:
@@ -110,6 +113,11 @@ def check_resume(cfg: TrainConfig, world_size: int, zero_stage: int) -> None:
                    for key in sorted(set(current) | set(saved["config"]))
                    if key not in RESUME_MAY_CHANGE
                    and current.get(key, defaults.get(key)) != saved["config"].get(key, defaults.get(key))]
+    length = [f"{_option(key)} {saved['config'].get(key)!r} -> {current.get(key)!r}" for key in _LENGTH
+              if key in saved["config"] and saved["config"][key] != current[key]]
+    if length and not differences:
+        _logger.warning("--resume: the run's length changed (%s): the schedule and learning rate follow the new "
+                        "length from step %s on", ", ".join(length), tag.removeprefix("step").lstrip("0") or "0")
     if differences:
         allowed = ", ".join(_option(key) for key in sorted(RESUME_MAY_CHANGE - {"resume", "stop_after_steps"}))
         raise ValueError(f"--resume: {where} was written with other settings: {'; '.join(differences)}. Only "
