@@ -246,8 +246,11 @@ def _check_args(args, config) -> list[int]:
     if any(k < visual for k in keeps) and not low <= args.layer < layers:
         raise UsageError(f"--layer must be in [{low}, {layers - 1}] for --method {' '.join(args.method)} on this "
                          f"model ({layers} decoder layers), got {args.layer}")
-    device = torch.device(args.device) if args.device else None
-    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise UsageError(f"--device: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available")
     return keeps
 

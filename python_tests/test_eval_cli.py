@@ -56,6 +56,7 @@ def refused(capsys, argv) -> str:
     (["--keep", "8", "--layer", "2"], "--layer must be in [0, 1]"),
     (["--method", "fastv", "nope"], "--method must be among"),
     (["--max-skip-fraction", "-1"], "--max-skip-fraction must be in [0, 1]"),
+    (["--device", "gpu0"], "--device: "),
 ])
 def test_bad_arguments(assets, capsys, extra, match):
     assert match in refused(capsys, base_args(assets) + extra)

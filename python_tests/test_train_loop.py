@@ -70,6 +70,16 @@ def test_loss_decreases(assets, tmp_path, zero):
     assert row["teacher_ratio"] <= row["student_ratio"]
 
 
+def test_no_future_warning_from_our_calls(assets, tmp_path):
+    """--gradient-checkpointing called transformers' deprecated gradient_checkpointing_enable (a FutureWarning on
+    every run with transformers >= 5.23)."""
+    proc = run_train(assets, tmp_path, "--zero", "2", "--max-steps", "2", "--gradient-checkpointing")
+    ours = [line for line in proc.stderr.splitlines()
+            if "FutureWarning" in line and ("epic_ext/train" in line or "epic_ext/eval" in line
+                                            or "gradient_checkpointing" in line)]
+    assert ours == []
+
+
 def test_two_processes_match_one(assets, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_train(assets, one, "--zero", "2", "--max-steps", "3", "--grad-accum", "2")
@@ -153,19 +163,31 @@ def test_resume_may_change_logging_and_saving(assets, checkpointed, tmp_path):
     assert json.loads((copy / "train_config.json").read_text())["log_steps"] == 2
 
 
+def with_corrupt_images(assets, tmp_path, count):
+    """The assets with a copy of the image folder whose first `count` training images do not decode."""
+    images = tmp_path / "images"
+    shutil.copytree(pathlib.Path(assets["images"]), images)
+    for path in sorted((images / "images").glob("train_*.png"))[:count]:
+        path.write_bytes(b"not a png")
+    return {**assets, "images": str(images)}
+
+
 def test_too_many_skipped_samples_stop_the_run_at_the_end(assets, tmp_path):
     """Undecodable images pass the early scan (the files exist); the share of skipped samples seen is checked
     when training ends, before the export."""
-    images = tmp_path / "images"
-    shutil.copytree(pathlib.Path(assets["images"]), images)
-    for path in sorted((images / "images").glob("train_*.png"))[:30]:
-        path.write_bytes(b"not a png")
-    proc = run_train({**assets, "images": str(images)}, tmp_path / "out", "--zero", "2", "--max-steps", "4",
+    proc = run_train(with_corrupt_images(assets, tmp_path, 30), tmp_path / "out", "--zero", "2", "--max-steps", "4",
                      "--export", check=False)
     line = one_error_line(proc)
     assert re.search(r"error: \d+ of \d+ training samples skipped \(corrupt_image: \d+\), more than "
                      r"--max-skip-fraction 0.01", line), line
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_no_usable_sample_stops_instead_of_looping(assets, tmp_path):
+    proc = run_train(with_corrupt_images(assets, tmp_path, 96), tmp_path / "out", "--zero", "2", "--max-steps", "2",
+                     "--max-skip-fraction", "1", check=False)
+    line = one_error_line(proc)
+    assert "every sample this process drew was skipped (corrupt_image: 96)" in line
 
 
 def test_export_loads_back_and_generates(assets, tmp_path):

@@ -42,6 +42,10 @@ def prepare_demo(cfg: TrainConfig) -> TrainConfig:
                                  pad_token_id=tokenizer.pad_token_id, hidden=64, text_layers=4,
                                  image_size=image_size)
         model.save_pretrained(str(model_dir))
+    else:  # the checks before start-up read the model's config: wait for rank 0 to write it (up to 5 minutes)
+        deadline = time.monotonic() + 300
+        while not (model_dir / "config.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.5)
     # demo settings replace defaults only: anything given on the command line wins
     defaults = json.loads(TrainConfig().to_json())
     values = json.loads(cfg.to_json())

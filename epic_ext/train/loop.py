@@ -24,9 +24,9 @@ import time
 import numpy as np
 import torch
 
+from ..cli import UsageError, check_skipped, describe_skips
 from ..distill import DistillConfig, distillation_loss, shifted_targets
 from ..models import apply_compression
-from ..cli import check_skipped
 from ..schedules import ScheduleConfig, compression_at
 from . import checkpoint
 from .config import TrainConfig, deepspeed_config
@@ -147,6 +147,17 @@ def load_model_and_processor(cfg: TrainConfig):
     return model, processor
 
 
+def _enable_activation_checkpointing(model) -> None:
+    """Recomputes decoder-layer activations in the backward pass. transformers 5.23 renamed
+    gradient_checkpointing_enable (now deprecated with a FutureWarning) to activation_checkpointing_enable; older
+    releases only have the first."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -218,7 +229,7 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
 
     model, processor = load_model_and_processor(cfg)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_activation_checkpointing(model)
         model.config.use_cache = False
     groups = _param_groups(model, cfg)
     handle = apply_compression(model, cfg.method, layer=cfg.layer, ratio=cfg.ratio)
@@ -266,11 +277,15 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
                         dynamic_ncols=True, mininterval=1.0)
 
     def next_batch():
+        drawn = 0
         while True:
             batch = collate([dataset[i] for i in sampler.take(cfg.micro_batch_size)], pad_id,
                             padding_side=cfg.padding_side)
             if batch is not None:
                 return batch
+            drawn += cfg.micro_batch_size
+            if drawn > len(dataset) + cfg.micro_batch_size:  # a whole pass without one usable sample
+                raise UsageError(f"every sample this process drew was skipped ({describe_skips(dataset.skipped)})")
 
     last = {}
     engine.train()
