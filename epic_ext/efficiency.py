@@ -371,19 +371,21 @@ _OPTIONS = ("keep", "layers", "layer", "model", "dtype", "device", "text_tokens"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m epic_ext.efficiency", description=__doc__.splitlines()[0])
+    from .cli import HelpFormatter, Parser  # noqa: PLC0415
+
+    p = Parser(prog="python -m epic_ext.efficiency", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--model", default="llava-1.5-7b", help=f"{' | '.join(BUILTIN_SHAPES)} | checkpoint dir")
     p.add_argument("--layer", type=int, default=2, help="compression layer K")
     p.add_argument("--keep", type=int, nargs="+", help="visual tokens kept (default 576 192 128 64)")
     p.add_argument("--method", default="fastv", help="compressor for --measure (fastv, dart, random)")
-    p.add_argument("--text-tokens", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--text-tokens", type=int, default=64, help="prompt text tokens besides the image")
+    p.add_argument("--batch", type=int, default=1, help="samples per prefill")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="dtype of the weights and KV cache")
     p.add_argument("--measure", action="store_true",
                    help="build a random-weight model and time prefill (vision tower included) and decode")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device of --measure")
+    p.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per --measure repeat")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats of --measure (the median is shown)")
     p.add_argument("--layers", type=int, help="decoder layers of the model (shrink for a smoke run)")
     p.add_argument("--tiny", action="store_true", help="tiny model with 576 visual tokens (CPU smoke run)")
     return p

@@ -8,21 +8,29 @@ removed). Items with a "family" field are also scored per family.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+import os
 import pathlib
 import re
 import string
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
 
 from . import efficiency
+from .cli import (HelpFormatter, Parser, UsageError, check_skipped, describe_skips, load_model_config,
+                  load_records_option, run_main)
+from .compress import available as available_methods
+from .compress import get_compressor
 from .models import apply_compression
+from .train.data import IMAGE_PLACEHOLDER, image_names
 
 _logger = logging.getLogger(__name__)
 
+DESCRIPTION = ("Measures the exact-match accuracy of a LLaVA model on a LLaVA-format QA file at several compression "
+               "settings and prints it beside each setting's visual tokens kept, prefill FLOPs and KV cache.")
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
@@ -30,23 +38,71 @@ def normalize_answer(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
-def load_items(records: Sequence[dict], image_folder: str | pathlib.Path) -> list[dict]:
-    """Question/answer items from LLaVA-format records (first human turn, first gpt turn)."""
-    items = []
+def _item_problem(question: str, images: list[str]) -> tuple[str, str] | None:
+    """(reason, detail) when the item cannot be evaluated: placeholders that do not fit the images, a missing
+    or undecodable image. The reasons are the training data's (epic_ext.train.data.SKIP_REASONS)."""
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+    placeholders = question.count(IMAGE_PLACEHOLDER) or len(images)
+    if placeholders != len(images):
+        return "bad_record", f"{placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images"
+    for path in images:
+        if not os.path.isfile(path):
+            return "missing_image", f"image file {path} is missing"
+        try:
+            with Image.open(path):  # reads the header only
+                pass
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+            return "corrupt_image", f"image file {path} cannot be decoded: {error}"
+    return None
+
+
+def collect_items(records: Sequence[dict], image_folder: str | os.PathLike, *,
+                  on_bad_image: str = "skip") -> tuple[list[dict], Counter]:
+    """Question/answer items from LLaVA-format records (first human turn, first gpt turn), skipping what cannot
+    be evaluated with the training data's policy.
+
+    Args:
+        records: LLaVA-format records (epic_ext.train.data.load_records).
+        image_folder: folder the records' image paths start from.
+        on_bad_image: "skip" (count the record and log a warning) or "error" (ValueError naming the record) for
+            a missing or undecodable image or placeholders that do not fit the images. Records without a human or
+            a gpt turn (nothing to ask, no reference answer) are always skipped ("no_answer").
+
+    Returns:
+        (items, skipped): items with id, question (``<image>`` placeholders added when absent), answer, family,
+        images (paths); skipped maps reason -> number of records.
+    """
+    if on_bad_image not in ("skip", "error"):
+        raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
+    items, skipped = [], Counter()
     for index, record in enumerate(records):
+        record_id = record.get("id", index)
         turns = record.get("conversations") or []
         question = next((t["value"] for t in turns if t.get("from") == "human"), None)
         answer = next((t["value"] for t in turns if t.get("from") == "gpt"), None)
         if question is None or answer is None:
-            raise ValueError(f"eval: record {record.get('id', index)!r} needs a human and a gpt turn")
-        images = record.get("image")
-        images = [] if images is None else [images] if isinstance(images, str) else list(images)
-        if images and "<image>" not in question:
-            question = "<image>\n" * len(images) + question
-        items.append({"id": record.get("id", index), "question": question, "answer": answer,
-                      "family": record.get("family", "all"),
-                      "images": [str(pathlib.Path(image_folder) / p) for p in images]})
-    return items
+            _logger.warning("eval: skipping record %r: it needs a human and a gpt turn", record_id)
+            skipped["no_answer"] += 1
+            continue
+        images = [os.path.join(image_folder, name) for name in image_names(record)]
+        problem = _item_problem(question, images)
+        if problem is not None:
+            if on_bad_image == "error":
+                raise ValueError(f"eval: record {record_id!r} (index {index}): {problem[1]}")
+            _logger.warning("eval: skipping record %r: %s: %s", record_id, *problem)
+            skipped[problem[0]] += 1
+            continue
+        if images and IMAGE_PLACEHOLDER not in question:
+            question = (IMAGE_PLACEHOLDER + "\n") * len(images) + question
+        items.append({"id": record_id, "question": question, "answer": answer,
+                      "family": record.get("family", "all"), "images": images})
+    return items, skipped
+
+
+def load_items(records: Sequence[dict], image_folder: str | os.PathLike) -> list[dict]:
+    """The items of `collect_items` (records that cannot be evaluated are skipped with a warning)."""
+    return collect_items(records, image_folder)[0]
 
 
 def _generate(model, processor, items: list[dict], batch_size: int, max_new_tokens: int, device) -> list[str]:
@@ -90,9 +146,16 @@ def evaluate(model, processor, items: list[dict], settings: Sequence[dict], *, b
         Per setting: method, layer, keep, n, accuracy (%), per-family accuracy, and the efficiency figures of
         efficiency.report for this model's shape (prefill TFLOPs by the FastV formula and exactly, KV MB).
     """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"evaluate: batch_size must be an int >= 1, got {batch_size!r}")
     device = device or next(model.parameters()).device
     model.eval()
     shape = efficiency.model_shape(model)
+    for setting in settings:
+        keep = setting.get("keep")
+        if keep is not None and not 0 <= keep <= shape.visual_tokens:
+            raise ValueError(f"evaluate: keep must be in [0, {shape.visual_tokens}] (the model's visual tokens per "
+                             f"image), got {keep}")
     rows = []
     for setting in settings:
         method, keep, layer = setting.get("method", "fastv"), setting.get("keep"), setting.get("layer", 2)
@@ -135,39 +198,95 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m epic_ext.eval", description=__doc__.splitlines()[0])
+def build_parser() -> Parser:
+    """The parser of `python -m epic_ext.eval`; --help shows every default."""
+    parser = Parser(prog="python -m epic_ext.eval", formatter_class=HelpFormatter,
+                    description=DESCRIPTION + "\n\n" + " ".join(__doc__.split("\n\n")[1].split()))
     parser.add_argument("--model", required=True, help="llava-hf checkpoint directory (model + processor)")
     parser.add_argument("--data", required=True, help="LLaVA-format JSON / JSONL QA file")
-    parser.add_argument("--image-folder", default=".")
-    parser.add_argument("--method", nargs="+", default=["fastv"])
-    parser.add_argument("--keep", type=int, nargs="+", default=[576, 192, 128, 64])
-    parser.add_argument("--layer", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--limit", type=int, default=0, help="evaluate the first N items only")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--image-folder", default=".", help="folder the records' image paths start from")
+    parser.add_argument("--method", nargs="+", default=["fastv"], help=f"compressors, of {available_methods()}")
+    parser.add_argument("--keep", type=int, nargs="+", default=None,
+                        help="visual tokens kept per image (default: all of the model's, 1/3, 2/9 and 1/9 of them: "
+                             "576 192 128 64 for LLaVA-1.5); at most the model's visual tokens")
+    parser.add_argument("--layer", type=int, default=2, help="compression layer K")
+    parser.add_argument("--batch-size", type=int, default=8, help="items generated together")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="longest generated answer")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items only (N >= 1)")
+    parser.add_argument("--on-bad-image", choices=("skip", "error"), default="skip",
+                        help="a missing or corrupt image, or placeholders that do not match the images: skip the "
+                             "record (counted) or stop")
+    parser.add_argument("--max-skip-fraction", type=float, default=0.01,
+                        help="stop when more than this share of the records is skipped (as in training)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="model dtype")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--output", help="write the rows as JSON here")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: PLC0415
+    parser.add_argument("--seed", type=int, default=0, help="seed of random compression")
+    return parser
 
-    from .train.data import load_records  # noqa: PLC0415
+
+def _check_args(args, config) -> list[int]:
+    """Validates the command line against the model's config.json; returns the visual-token counts to keep."""
+    for name in ("batch_size", "max_new_tokens", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0.0 <= args.max_skip_fraction <= 1.0:
+        raise UsageError(f"--max-skip-fraction must be in [0, 1], got {args.max_skip_fraction}")
+    unknown = [m for m in args.method if m not in available_methods()]
+    if unknown:
+        raise UsageError(f"--method must be among {available_methods()}, got {unknown}")
+    visual = config.image_seq_length
+    keeps = args.keep or [visual, visual // 3, 2 * visual // 9, visual // 9]
+    bad = [k for k in keeps if not 1 <= k <= visual]
+    if bad:
+        raise UsageError(f"--keep must be in [1, {visual}] (the model's visual tokens per image), got {bad}")
+    layers = config.text_config.num_hidden_layers
+    low = max(get_compressor(m).min_layer for m in args.method)
+    if any(k < visual for k in keeps) and not low <= args.layer < layers:
+        raise UsageError(f"--layer must be in [{low}, {layers - 1}] for --method {' '.join(args.method)} on this "
+                         f"model ({layers} decoder layers), got {args.layer}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise UsageError(f"--device: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available")
+    return keeps
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    config = load_model_config(args.model)
+    keeps = _check_args(args, config)
+    records = load_records_option(args.data, "--data")
+    try:
+        items, skipped = collect_items(records, args.image_folder, on_bad_image=args.on_bad_image)
+    except ValueError as error:
+        raise UsageError(f"--on-bad-image error: {error}") from error
+    check_skipped(skipped, len(records), args.max_skip_fraction, image_folder=args.image_folder,
+                  what="evaluation records")
+    if args.limit is not None:
+        items = items[: args.limit]
+    from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: PLC0415
 
     model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=efficiency.DTYPES[args.dtype])
     model.to(args.device)
     processor = AutoProcessor.from_pretrained(args.model)
-    items = load_items(load_records(args.data), args.image_folder)
-    if args.limit:
-        items = items[: args.limit]
-    settings = [{"method": m, "keep": k, "layer": args.layer} for m in args.method for k in args.keep]
+    settings = [{"method": m, "keep": k, "layer": args.layer} for m in args.method for k in keeps]
     rows = evaluate(model, processor, items, settings, batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed)
+    if sum(skipped.values()):
+        print(f"skipped records: {describe_skips(skipped)}")
     print(format_rows(rows))
     if args.output:
         pathlib.Path(args.output).write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m epic_ext.eval`: a user error is one line on stderr and exit status 2."""
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
+import shutil
 import socket
 import subprocess
 import sys
 
 import pytest
+from train_assets import make_train_assets
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
@@ -21,18 +24,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from epic_ext.models.tiny import build_tiny_llava
-    from epic_ext.train.demo_data import build_tiny_processor, demo_vocabulary, make_shapes_task
-
-    root = tmp_path_factory.mktemp("train")
-    splits = make_shapes_task(root / "data", n_train=96, n_val=8, n_test=16, seed=1)
-    processor = build_tiny_processor(demo_vocabulary(), save_dir=root / "model")
-    tokenizer = processor.tokenizer
-    model = build_tiny_llava(seed=0, vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                             pad_token_id=tokenizer.pad_token_id, hidden=32, text_layers=2, heads=2, kv_heads=1)
-    model.save_pretrained(str(root / "model"))
-    return {"root": root, "model": str(root / "model"), "data": splits["train"], "test": splits["test"],
-            "images": str(root / "data")}
+    return make_train_assets(tmp_path_factory.mktemp("train"))
 
 
 def run_train(assets, out_dir, *extra, nproc=1, check=True):
@@ -64,7 +56,7 @@ def losses(out_dir):
     return {r["step"]: r for r in rows}
 
 
-@pytest.mark.parametrize("zero", [2, 3])
+@pytest.mark.parametrize("zero", [0, 2, 3])  # under ZeRO 0 DeepSpeed reports no gradient norm: ours is logged
 def test_loss_decreases(assets, tmp_path, zero):
     run_train(assets, tmp_path, "--zero", str(zero), "--max-steps", "14", "--schedule", "tcd", "--lam", "0.7")
     metrics = losses(tmp_path)
@@ -79,6 +71,16 @@ def test_loss_decreases(assets, tmp_path, zero):
     assert row["teacher_ratio"] <= row["student_ratio"]
 
 
+def test_no_future_warning_from_our_calls(assets, tmp_path):
+    """--gradient-checkpointing called transformers' deprecated gradient_checkpointing_enable (a FutureWarning on
+    every run with transformers >= 5.23)."""
+    proc = run_train(assets, tmp_path, "--zero", "2", "--max-steps", "2", "--gradient-checkpointing")
+    ours = [line for line in proc.stderr.splitlines()
+            if "FutureWarning" in line and ("epic_ext/train" in line or "epic_ext/eval" in line
+                                            or "gradient_checkpointing" in line)]
+    assert ours == []
+
+
 def test_two_processes_match_one(assets, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_train(assets, one, "--zero", "2", "--max-steps", "3", "--grad-accum", "2")
@@ -89,18 +91,104 @@ def test_two_processes_match_one(assets, tmp_path):
         assert a[step]["student_ratio"] == b[step]["student_ratio"]
 
 
+def tensorboard_steps(out_dir, tag="train/loss"):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(pathlib.Path(out_dir) / "tensorboard"))
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
 def test_resume_after_kill_matches_uninterrupted(assets, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     args = ("--zero", "2", "--max-steps", "6", "--save-steps", "3", "--schedule", "tcd+lcd")
     run_train(assets, full, *args)
-    run_train(assets, cut, *args, "--stop-after-steps", "3")
-    assert sorted(losses(cut)) == [1, 2, 3]
+    run_train(assets, cut, *args, "--stop-after-steps", "4")  # killed after step 4, its checkpoint is step 3
+    assert sorted(losses(cut)) == [1, 2, 3, 4]
     run_train(assets, cut, *args, "--resume", "auto")
     a, b = losses(full), losses(cut)
-    assert sorted(b) == list(range(1, 7))
+    rows = [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, 7))  # step 4 once: the rows after the checkpoint were dropped on resume
+    assert tensorboard_steps(cut) == list(range(1, 7))  # the killed run's step 4 is purged from the events
     for step in range(1, 7):
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6, abs=1e-7), step
         assert b[step]["student_layer"] == a[step]["student_layer"]
+
+
+@pytest.fixture(scope="module")
+def checkpointed(assets, tmp_path_factory):
+    """A 2-step ZeRO-2 run with a checkpoint at step 2, and its command line."""
+    out = tmp_path_factory.mktemp("checkpointed")
+    args = ["--zero", "2", "--max-steps", "4", "--save-steps", "2", "--stop-after-steps", "2"]
+    run_train(assets, out, *args)
+    return out, args
+
+
+def one_error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-4000:]
+    return errors[0]
+
+
+def test_resume_with_other_settings_is_refused(assets, checkpointed):
+    out, args = checkpointed
+    saved = (out / "train_config.json").read_text()
+    line = one_error_line(run_train(assets, out, *args, "--resume", "auto", "--method", "dart",
+                                    "--micro-batch-size", "2", check=False))
+    assert "--resume" in line and "step0000002 was written with other settings" in line
+    assert "--method 'dart' (checkpoint: 'fastv')" in line and "--micro-batch-size 2 (checkpoint: 4)" in line
+    assert (out / "train_config.json").read_text() == saved
+
+
+def test_resume_with_another_zero_stage_is_refused(assets, checkpointed):
+    out, args = checkpointed
+    line = one_error_line(run_train(assets, out, *with_zero(args, "3"), "--resume", "auto", check=False))
+    assert "ZeRO stage 2, this run uses stage 3" in line and "--zero 2" in line
+    assert "NoneType" not in line
+
+
+def with_zero(args, stage):
+    args = list(args)
+    args[args.index("--zero") + 1] = stage
+    return args
+
+
+def test_resume_may_change_logging_and_saving(assets, checkpointed, tmp_path):
+    out, args = checkpointed
+    copy = tmp_path / "copy"  # the output directory may change too
+    shutil.copytree(out, copy)
+    run_train(assets, copy, *args[:-2], "--resume", "auto", "--log-steps", "2", "--keep-checkpoints", "1")
+    assert sorted(losses(copy)) == [1, 2, 4]
+    assert json.loads((copy / "train_config.json").read_text())["log_steps"] == 2
+
+
+def with_corrupt_images(assets, tmp_path, count):
+    """The assets with a copy of the image folder whose first `count` training images do not decode."""
+    images = tmp_path / "images"
+    shutil.copytree(pathlib.Path(assets["images"]), images)
+    for path in sorted((images / "images").glob("train_*.png"))[:count]:
+        path.write_bytes(b"not a png")
+    return {**assets, "images": str(images)}
+
+
+def test_too_many_skipped_samples_stop_the_run_at_the_end(assets, tmp_path):
+    """Undecodable images pass the early scan (the files exist); the share of skipped samples seen is checked
+    when training ends, before the export."""
+    proc = run_train(with_corrupt_images(assets, tmp_path, 30), tmp_path / "out", "--zero", "2", "--max-steps", "4",
+                     "--export", check=False)
+    line = one_error_line(proc)
+    assert re.search(r"error: \d+ of \d+ training samples skipped \(corrupt_image: \d+\), more than "
+                     r"--max-skip-fraction 0.01", line), line
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_no_usable_sample_stops_instead_of_looping(assets, tmp_path):
+    proc = run_train(with_corrupt_images(assets, tmp_path, 96), tmp_path / "out", "--zero", "2", "--max-steps", "2",
+                     "--max-skip-fraction", "1", check=False)
+    line = one_error_line(proc)
+    assert "every sample this process drew was skipped (corrupt_image: 96)" in line
 
 
 def test_export_loads_back_and_generates(assets, tmp_path):

@@ -24,7 +24,6 @@ import contextlib
 import functools
 import logging
 import math
-import sys
 import weakref
 from dataclasses import dataclass
 

@@ -12,9 +12,9 @@ import json
 import logging
 import os
 import pathlib
-import sys
 import time
 
+from ..cli import describe_skips, run_main
 from .config import TrainConfig, parse_args
 
 DEMO_IMAGE_SIZE = 112  # 64 visual tokens of 14 px
@@ -42,6 +42,10 @@ def prepare_demo(cfg: TrainConfig) -> TrainConfig:
                                  pad_token_id=tokenizer.pad_token_id, hidden=64, text_layers=4,
                                  image_size=image_size)
         model.save_pretrained(str(model_dir))
+    else:  # the checks before start-up read the model's config: wait for rank 0 to write it (up to 5 minutes)
+        deadline = time.monotonic() + 300
+        while not (model_dir / "config.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.5)
     # demo settings replace defaults only: anything given on the command line wins
     defaults = json.loads(TrainConfig().to_json())
     values = json.loads(cfg.to_json())
@@ -58,14 +62,18 @@ def run_eval(cfg: TrainConfig, model_dir: str) -> list[dict]:
     import torch  # noqa: PLC0415
     from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: PLC0415
 
-    from ..eval import evaluate, format_rows, load_items  # noqa: PLC0415
-    from .data import load_records  # noqa: PLC0415
+    from ..cli import check_skipped, load_records_option  # noqa: PLC0415
+    from ..eval import collect_items, evaluate, format_rows  # noqa: PLC0415
 
+    # the same skip policy as training: bad records are skipped and counted, too many of them stop the run
+    records = load_records_option(cfg.eval_data, "--eval-data")
+    items, skipped = collect_items(records, cfg.image_folder, on_bad_image=cfg.on_bad_image)
+    check_skipped(skipped, len(records), cfg.max_skip_fraction, image_folder=cfg.image_folder,
+                  what="evaluation records")
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     processor = AutoProcessor.from_pretrained(model_dir)
-    items = load_items(load_records(cfg.eval_data), cfg.image_folder)
     visual = model.config.image_seq_length
     keeps = cfg.eval_keep or [visual, visual // 2, visual // 4, visual // 8]
     settings = [{"method": "fastv", "keep": visual, "layer": cfg.layer}]
@@ -74,38 +82,44 @@ def run_eval(cfg: TrainConfig, model_dir: str) -> list[dict]:
     rows = evaluate(model, processor, items, settings, batch_size=32, max_new_tokens=3, device=device,
                     seed=cfg.seed)
     print(f"\nexact-match accuracy on {cfg.eval_data} ({len(items)} items), compression at layer {cfg.layer}:")
+    if sum(skipped.values()):
+        print(f"skipped evaluation records: {describe_skips(skipped)}")
     print(format_rows(rows))
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        cfg = parse_args(argv)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = parse_args(argv)
     if cfg.demo:
         cfg = prepare_demo(cfg)
+    from .preflight import preflight  # noqa: PLC0415
+
+    checked = preflight(cfg)  # paths, model config, layers, records, resume: before DeepSpeed and the weights
     from .loop import train  # noqa: PLC0415
 
     started = time.perf_counter()
-    summary = train(cfg)
+    summary = train(cfg, checked.records)
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         last = summary["last"]
         print(f"\ntrained {summary['total_steps']} steps in {time.perf_counter() - started:.0f} s; last step: "
               + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
         if summary["skipped"]:
-            print(f"skipped samples: {summary['skipped']}")
+            print(f"skipped samples: {describe_skips(summary['skipped'])}")
         if "export" in summary:
             print(f"exported to {summary['export']}")
             if cfg.eval_data:
                 run_eval(cfg, summary["export"])
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m epic_ext.train`: a user error is one line on stderr and exit status 2."""
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

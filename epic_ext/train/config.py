@@ -7,6 +7,7 @@ import json
 import pathlib
 from dataclasses import asdict, dataclass, field
 
+from ..cli import HelpFormatter, Parser, UsageError
 from ..compress import available as available_methods
 from ..schedules import DEFAULT_PRESET, SCHEDULES, ResolvedConstants, resolve_constants
 
@@ -57,6 +58,7 @@ class TrainConfig:
     max_length: int = 2048
     pad_to_square: bool = False
     on_bad_image: str = "skip"
+    max_skip_fraction: float = 0.01  # more skipped samples than this share stops the run (early and at the end)
     padding_side: str = "right"
     save_steps: int = 0
     keep_checkpoints: int = 2
@@ -70,34 +72,48 @@ class TrainConfig:
 
     def validate(self) -> None:
         if not self.demo and (self.model is None or self.data is None):
-            raise ValueError("--model and --data are required (or --demo)")
+            raise UsageError("--model and --data are required (or --demo)")
         if self.method not in available_methods():
-            raise ValueError(f"--method must be one of {available_methods()}, got {self.method!r}")
+            raise UsageError(f"--method must be one of {available_methods()}, got {self.method!r}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            raise UsageError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.zero not in (0, 1, 2, 3):
-            raise ValueError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
+            raise UsageError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
         if self.on_bad_image not in ("skip", "error"):
-            raise ValueError(f"--on-bad-image must be 'skip' or 'error', got {self.on_bad_image!r}")
+            raise UsageError(f"--on-bad-image must be 'skip' or 'error', got {self.on_bad_image!r}")
         if self.padding_side not in ("left", "right"):
-            raise ValueError(f"--padding-side must be 'left' or 'right', got {self.padding_side!r}")
-        for name in ("micro_batch_size", "grad_accum"):
+            raise UsageError(f"--padding-side must be 'left' or 'right', got {self.padding_side!r}")
+        for name in ("micro_batch_size", "grad_accum", "log_steps", "max_length", "demo_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_steps", "keep_checkpoints", "max_steps", "layer", "min_layer", "weight_decay",
+                     "max_grad_norm", "stop_after_steps"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("warmup_ratio", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("lr", "vision_lr", "projector_lr"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if any(keep < 1 for keep in self.eval_keep):
+            raise UsageError(f"--eval-keep values must be >= 1, got {self.eval_keep}")
         if not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"--ratio must be in [0, 1), got {self.ratio}")
+            raise UsageError(f"--ratio must be in [0, 1), got {self.ratio}")
         if self.teacher_ratio is not None and not 0.0 <= self.teacher_ratio < 1.0:
-            raise ValueError(f"--teacher-ratio must be in [0, 1) or 'gap', got {self.teacher_ratio}")
+            raise UsageError(f"--teacher-ratio must be in [0, 1) or 'gap', got {self.teacher_ratio}")
         try:
             constants = resolve_constants(self.schedule_constants, self.method)
         except ValueError as exc:
-            raise ValueError(f"--schedule-constants: {exc}") from None
+            raise UsageError(f"--schedule-constants: {exc}") from None
         if not 0.0 <= self.resolved_lam(constants) <= 1.0:
-            raise ValueError(f"--lam must be in [0, 1], got {self.lam}")
+            raise UsageError(f"--lam must be in [0, 1], got {self.lam}")
         if self.resolved_tau(constants) <= 0:
-            raise ValueError(f"--tau must be > 0, got {self.tau}")
+            raise UsageError(f"--tau must be > 0, got {self.tau}")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise UsageError(f"--max-skip-fraction must be in [0, 1], got {self.max_skip_fraction}")
         if self.epochs <= 0 and self.max_steps <= 0:
-            raise ValueError("give --epochs > 0 or --max-steps > 0")
+            raise UsageError("give --epochs > 0 or --max-steps > 0")
 
     def resolved_lam(self, constants: ResolvedConstants) -> float:
         """--lam, or the preset's distillation weight when not given."""
@@ -133,64 +149,98 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     return ds
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
+def _teacher_ratio(value: str) -> float | None:
+    if value == "gap":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'gap', got {value!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `python -m epic_ext.train`; --help shows every default."""
     defaults = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m epic_ext.train",
-                                description="EPIC training: TCD / LCD self-distillation of a LLaVA model with DeepSpeed.")
+    p = Parser(prog="python -m epic_ext.train", formatter_class=HelpFormatter,
+                                description="EPIC training: TCD / LCD self-distillation of a LLaVA model with "
+                                            "DeepSpeed. Paths, the model's config and every setting are checked "
+                                            "before DeepSpeed starts.")
     p.add_argument("--demo", action="store_true", help="run the embedded demo (synthetic data, tiny LLaVA)")
-    p.add_argument("--demo-steps", type=int, default=defaults.demo_steps)
+    p.add_argument("--demo-steps", type=int, default=defaults.demo_steps, help="training steps of --demo")
     p.add_argument("--model", help="llava-hf checkpoint directory (LlavaForConditionalGeneration + processor)")
     p.add_argument("--data", help="LLaVA-format JSON or JSONL (id, image, conversations)")
-    p.add_argument("--image-folder", default=defaults.image_folder)
-    p.add_argument("--output-dir", default=defaults.output_dir)
-    p.add_argument("--method", default=defaults.method, help=f"one of {available_methods()}")
-    p.add_argument("--schedule", default=defaults.schedule, choices=SCHEDULES)
+    p.add_argument("--image-folder", default=defaults.image_folder, help="folder the records' image paths start from")
+    p.add_argument("--output-dir", default=defaults.output_dir,
+                   help="metrics, TensorBoard logs, checkpoints/ and the exported final/")
+    p.add_argument("--method", default=defaults.method, help=f"compressor: one of {available_methods()}")
+    p.add_argument("--schedule", default=defaults.schedule, choices=SCHEDULES, help="compression schedule")
     p.add_argument("--ratio", type=float, default=defaults.ratio, help="target ratio (lcd, fixed)")
     p.add_argument("--layer", type=int, default=defaults.layer, help="compression layer K (tcd, fixed)")
     p.add_argument("--min-layer", type=int, default=defaults.min_layer, help="shallowest layer of lcd")
-    p.add_argument("--teacher-ratio", type=lambda v: None if v == "gap" else float(v), default=defaults.teacher_ratio,
-                   help="teacher ratio of the fixed schedule: a number (default 0: all tokens), or 'gap' for the "
+    p.add_argument("--teacher-ratio", type=_teacher_ratio, default=defaults.teacher_ratio,
+                   help="teacher ratio of the fixed schedule: a number (0: all tokens), or 'gap' for the "
                         "target ratio minus the schedule's growing gap")
     p.add_argument("--schedule-constants", default=defaults.schedule_constants,
                    help="TCD constants: 'release' (default: the authors' code), 'paper' (the paper's text), or a "
                         'JSON object, e.g. \'{"preset": "paper", "gap_max": 0.2, "icd_stages": 4}\'')
     p.add_argument("--lam", type=float, default=None, help="KD weight lambda (0 = plain SFT; default: the preset's)")
     p.add_argument("--tau", type=float, default=None, help="distillation temperature (default: the preset's)")
-    p.add_argument("--epochs", type=float, default=defaults.epochs)
-    p.add_argument("--max-steps", type=int, default=defaults.max_steps)
-    p.add_argument("--micro-batch-size", type=int, default=defaults.micro_batch_size)
-    p.add_argument("--grad-accum", type=int, default=defaults.grad_accum)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--vision-lr", type=float, default=None)
-    p.add_argument("--projector-lr", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    p.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio)
-    p.add_argument("--min-lr-ratio", type=float, default=defaults.min_lr_ratio)
-    p.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm)
-    p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=defaults.freeze_vision)
-    p.add_argument("--freeze-projector", action=argparse.BooleanOptionalAction, default=defaults.freeze_projector)
-    p.add_argument("--freeze-llm", action=argparse.BooleanOptionalAction, default=defaults.freeze_llm)
+    p.add_argument("--epochs", type=float, default=defaults.epochs, help="passes over the data")
+    p.add_argument("--max-steps", type=int, default=defaults.max_steps, help="optimizer steps; > 0 overrides --epochs")
+    p.add_argument("--micro-batch-size", type=int, default=defaults.micro_batch_size, help="samples per process "
+                   "and micro-batch")
+    p.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (language model)")
+    p.add_argument("--vision-lr", type=float, default=None, help="learning rate of the vision tower (None: --lr)")
+    p.add_argument("--projector-lr", type=float, default=None, help="learning rate of the projector (None: --lr)")
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
+    p.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio, help="share of steps in warmup")
+    p.add_argument("--min-lr-ratio", type=float, default=defaults.min_lr_ratio,
+                   help="learning rate at the end of the cosine, as a share of the peak")
+    p.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm, help="gradient clipping (0: off)")
+    p.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=defaults.freeze_vision,
+                   help="freeze the vision tower")
+    p.add_argument("--freeze-projector", action=argparse.BooleanOptionalAction, default=defaults.freeze_projector,
+                   help="freeze the multimodal projector")
+    p.add_argument("--freeze-llm", action=argparse.BooleanOptionalAction, default=defaults.freeze_llm,
+                   help="freeze the language model")
     p.add_argument("--zero", type=int, default=defaults.zero, help="bundled DeepSpeed ZeRO config: 0, 1, 2 or 3")
     p.add_argument("--deepspeed-config", help="your own DeepSpeed JSON ('auto' entries are filled in)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=defaults.bf16)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=defaults.bf16, help="bfloat16 training")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
-                   default=defaults.gradient_checkpointing)
-    p.add_argument("--max-length", type=int, default=defaults.max_length)
-    p.add_argument("--pad-to-square", action=argparse.BooleanOptionalAction, default=defaults.pad_to_square)
-    p.add_argument("--on-bad-image", choices=("skip", "error"), default=defaults.on_bad_image)
-    p.add_argument("--padding-side", choices=("left", "right"), default=defaults.padding_side)
-    p.add_argument("--save-steps", type=int, default=defaults.save_steps, help="checkpoint every N steps (0: end)")
-    p.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints)
-    p.add_argument("--resume", help="checkpoint directory, or 'auto' for the latest under OUTPUT_DIR/checkpoints")
+                   default=defaults.gradient_checkpointing, help="recompute activations in the backward pass")
+    p.add_argument("--max-length", type=int, default=defaults.max_length, help="longest tokenized sample")
+    p.add_argument("--pad-to-square", action=argparse.BooleanOptionalAction, default=defaults.pad_to_square,
+                   help="pad images to squares (LLaVA's 'pad' aspect ratio)")
+    p.add_argument("--on-bad-image", choices=("skip", "error"), default=defaults.on_bad_image,
+                   help="a missing or corrupt image, or placeholders that do not match the images: skip the "
+                        "sample (counted) or stop")
+    p.add_argument("--max-skip-fraction", type=float, default=defaults.max_skip_fraction,
+                   help="stop when more than this share of the samples is skipped: checked on the records before "
+                        "start-up (missing images, bad records, no answer) and on the samples seen at the end")
+    p.add_argument("--padding-side", choices=("left", "right"), default=defaults.padding_side,
+                   help="padding side of training batches")
+    p.add_argument("--save-steps", type=int, default=defaults.save_steps, help="checkpoint every N steps (0: never)")
+    p.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints,
+                   help="newest checkpoints kept (0: all)")
+    p.add_argument("--resume", help="checkpoint directory, or 'auto' for the latest under OUTPUT_DIR/checkpoints; "
+                                    "the settings must match the checkpoint's (logging, saving and output options "
+                                    "may change)")
     p.add_argument("--export", action=argparse.BooleanOptionalAction, default=defaults.export,
                    help="save_pretrained the final model and processor to OUTPUT_DIR/final")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--log-steps", type=int, default=defaults.log_steps)
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of data order, schedule draws and init")
+    p.add_argument("--log-steps", type=int, default=defaults.log_steps, help="metrics every N steps")
     p.add_argument("--eval-data", help="LLaVA-format QA file evaluated after training (exact match)")
-    p.add_argument("--eval-keep", type=int, nargs="*", default=[], help="visual tokens kept in the evaluation")
+    p.add_argument("--eval-keep", type=int, nargs="*", default=[],
+                   help="visual tokens kept in the evaluation (none given: all, 1/2, 1/4, 1/8)")
     p.add_argument("--stop-after-steps", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The TrainConfig of a command line, validated (UsageError naming the option otherwise)."""
+    args = build_parser().parse_args(argv)
     values = vars(args)
     values.pop("local_rank", None)  # the deepspeed launcher adds it; LOCAL_RANK in the environment is what we use
     cfg = TrainConfig(**values)

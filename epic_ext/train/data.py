@@ -31,8 +31,63 @@ LLAVA_BACKGROUND = (122, 116, 104)
 _ROLES = ("human", "gpt")
 
 
+# Why a sample can be skipped (LlavaDataset.skipped keys), in the order reports list them.
+SKIP_REASONS = ("missing_image", "corrupt_image", "bad_record", "too_long", "no_labels")
+
+
 class ImageLoadError(OSError):
     """An image of a record could not be read (missing file or undecodable bytes)."""
+
+
+def image_names(record: dict) -> list[str]:
+    """The record's image paths as written in it (none, one string, or a list)."""
+    image = record.get("image")
+    return [] if image is None else [image] if isinstance(image, str) else list(image)
+
+
+def placeholder_problem(conversations: list[dict], n_images: int) -> str | None:
+    """Why the record's ``<image>`` placeholders do not fit its images (None when they do). Placeholders may be
+    left out entirely: the prompt then gets one per image before the first human turn."""
+    count = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in conversations)
+    if count == 0 and n_images and any(turn["from"] == "human" for turn in conversations):
+        count = n_images
+    return None if count == n_images else f"{count} {IMAGE_PLACEHOLDER} placeholders for {n_images} images"
+
+
+def scan_records(records: Sequence[dict], image_folder: str | os.PathLike | None, *,
+                 on_bad_image: str = "skip") -> Counter:
+    """Predicts, without decoding images or tokenizing, which records a LlavaDataset would skip: missing image
+    files, placeholders that do not fit the images, and records with no gpt turn (nothing to supervise).
+    Corrupt images and samples too long for max_length are only found when the samples are built.
+
+    Args:
+        records: LLaVA-format records (see `load_records`).
+        image_folder: folder the records' relative image paths start from.
+        on_bad_image: "error" raises ImageLoadError / ValueError at the first bad record, as the dataset would.
+
+    Returns:
+        reason -> number of records (one reason per record).
+    """
+    folder = os.fspath(image_folder) if image_folder is not None else ""
+    skipped: Counter = Counter()
+    for index, record in enumerate(records):
+        sample_id = record.get("id", index)
+        names = image_names(record)
+        problem = placeholder_problem(record["conversations"], len(names))
+        if problem is not None:
+            if on_bad_image == "error":
+                raise ValueError(f"record {sample_id!r} (index {index}): {problem}")
+            skipped["bad_record"] += 1
+            continue
+        missing = next((name for name in names if not os.path.isfile(os.path.join(folder, name))), None)
+        if missing is not None:
+            if on_bad_image == "error":
+                raise ImageLoadError(f"image file {os.path.join(folder, missing)} of record {sample_id!r} "
+                                     f"(index {index}) is missing")
+            skipped["missing_image"] += 1
+        elif not any(turn["from"] == "gpt" for turn in record["conversations"]):
+            skipped["no_labels"] += 1
+    return skipped
 
 
 def _check_record(record: Any, where: str) -> None:
@@ -144,6 +199,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.image_token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self._skipped: dict[int, tuple[str, Any]] = {}
+        self._visited: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -152,6 +208,11 @@ class LlavaDataset(torch.utils.data.Dataset):
     def skipped(self) -> Counter:
         """reason -> number of distinct samples skipped for it."""
         return Counter(reason for reason, _ in self._skipped.values())
+
+    @property
+    def visited(self) -> int:
+        """Number of distinct samples built or skipped so far."""
+        return len(self._visited)
 
     @property
     def skipped_ids(self) -> dict[str, list]:
@@ -168,9 +229,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         self._skipped[index] = (reason, sample_id)
 
     def _image_paths(self, record: dict) -> list[str]:
-        image = record.get("image")
-        names = [] if image is None else [image] if isinstance(image, str) else list(image)
-        return [os.path.join(self.image_folder, name) for name in names]
+        return [os.path.join(self.image_folder, name) for name in image_names(record)]
 
     def _load_image(self, path: str, sample_id: Any, index: int):
         from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
@@ -185,8 +244,8 @@ class LlavaDataset(torch.utils.data.Dataset):
                 f"image file {path} of record {sample_id!r} (index {index}) cannot be decoded: {error}") from error
         return expand_to_square(image, self.background) if self.pad_to_square else image
 
-    def _prompt(self, conversations: list[dict], n_images: int) -> tuple[list[tuple[str, bool]], int]:
-        """The prompt as (text piece, supervised) pairs, and the number of placeholders in it."""
+    def _prompt(self, conversations: list[dict], n_images: int) -> list[tuple[str, bool]]:
+        """The prompt as (text piece, supervised) pairs."""
         eos = self.tokenizer.eos_token or ""
         values = [turn["value"] for turn in conversations]
         if n_images and not any(IMAGE_PLACEHOLDER in value for value in values):
@@ -200,7 +259,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             else:
                 pieces.append((" ", False))
                 pieces.append((value + eos, True))
-        return pieces, sum(value.count(IMAGE_PLACEHOLDER) for value in values)
+        return pieces
 
     def _tokenize(self, pieces: list[tuple[str, bool]], image_texts: list[str]) -> tuple[list[int], list[int]]:
         """input_ids and labels of the prompt pieces with the placeholders replaced by `image_texts`."""
@@ -235,14 +294,15 @@ class LlavaDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict | None:
         record = self.records[index]
         sample_id = record.get("id", index)
+        self._visited.add(index)
         paths = self._image_paths(record)
-        pieces, n_placeholders = self._prompt(record["conversations"], len(paths))
-        if n_placeholders != len(paths):
-            detail = f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(paths)} images"
+        detail = placeholder_problem(record["conversations"], len(paths))
+        if detail is not None:
             if self.on_bad_image == "error":
                 raise ValueError(f"record {sample_id!r} (index {index}): {detail}")
             self._skip(index, sample_id, "bad_record", detail)
             return None
+        pieces = self._prompt(record["conversations"], len(paths))
         images = []
         for path in paths:
             try:

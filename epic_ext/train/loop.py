@@ -19,16 +19,17 @@ import math
 import os
 import pathlib
 import random
-import shutil
 import socket
 import time
 
 import numpy as np
 import torch
 
+from ..cli import UsageError, check_skipped, describe_skips
 from ..distill import DistillConfig, distillation_loss, shifted_targets
 from ..models import _hf, apply_compression
 from ..schedules import ScheduleConfig, compression_at, resolve_constants
+from . import checkpoint
 from .config import TrainConfig, deepspeed_config
 
 _logger = logging.getLogger(__name__)
@@ -102,21 +103,6 @@ class Sampler:
         self._order = self._shard(self.epoch)
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ---------------------------------------------------------------------------------------------------- model --
 def _param_groups(model, cfg: TrainConfig) -> list[dict]:
     llava = model.model
@@ -173,8 +159,50 @@ def _peak_memory_mb(device) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------ train --
-def train(cfg: TrainConfig) -> dict:
-    """Runs the training described by cfg; returns a summary (last metrics, skipped samples, export path)."""
+def _global_grad_norm(engine) -> float | None:
+    """L2 norm of the gradients the optimizer step is about to use (reduced over ranks under ZeRO 0, where
+    DeepSpeed does not report one); None when no parameter holds a gradient."""
+    squares = [p.grad.detach().float().pow(2).sum() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.stack(squares).sum().sqrt()) if squares else None
+
+
+def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
+    """Drops the rows of metrics.jsonl after `last_step` (written after the checkpoint a run resumes from), and
+    a last row cut short by a kill."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= last_step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _skip_check(dataset, cfg: TrainConfig, device) -> None:
+    """--max-skip-fraction over the samples every rank has built (the same decision on every rank)."""
+    from .data import SKIP_REASONS  # noqa: PLC0415
+
+    counts = torch.tensor([float(dataset.skipped.get(r, 0)) for r in SKIP_REASONS] + [float(dataset.visited)],
+                          device=device)
+    counts = _all_reduce(counts).tolist()
+    check_skipped(dict(zip(SKIP_REASONS, (int(c) for c in counts[:-1]))), int(counts[-1]), cfg.max_skip_fraction,
+                  image_folder=cfg.image_folder, what="training samples")
+
+
+def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
+    """Runs the training described by cfg; returns a summary (last metrics, skipped samples, export path).
+
+    Args:
+        cfg: the run (checked by epic_ext.train.preflight first).
+        records: the records of cfg.data when already read (None: read them here).
+
+    Raises:
+        UsageError: more than cfg.max_skip_fraction of the samples seen were skipped (before the export).
+    """
     import deepspeed  # noqa: PLC0415
 
     from .data import LlavaDataset, collate, load_records  # noqa: PLC0415
@@ -197,7 +225,7 @@ def train(cfg: TrainConfig) -> dict:
         model.config.use_cache = False
     groups = _param_groups(model, cfg)
     handle = apply_compression(model, cfg.method, layer=cfg.layer, ratio=cfg.ratio)
-    records = load_records(cfg.data)
+    records = load_records(cfg.data) if records is None else records
     dataset = LlavaDataset(records, cfg.image_folder, processor, max_length=cfg.max_length,
                            pad_to_square=cfg.pad_to_square, on_bad_image=cfg.on_bad_image)
     pad_id = processor.tokenizer.pad_token_id
@@ -222,17 +250,20 @@ def train(cfg: TrainConfig) -> dict:
     start_step = 0
     if cfg.resume:
         auto = cfg.resume == "auto"
-        start_step = _resume(engine, sampler, ckpt_root if auto else pathlib.Path(cfg.resume), rank, auto=auto)
+        start_step = checkpoint.load(engine, sampler, ckpt_root if auto else pathlib.Path(cfg.resume), rank,
+                                     auto=auto)
 
     writer = None
     metrics_file = None
     progress = None
     if rank == 0:
+        # the logs read as one run: rows and events after the step this run starts from are dropped
+        _truncate_metrics(out_dir / "metrics.jsonl", start_step)
         metrics_file = (out_dir / "metrics.jsonl").open("a")
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
 
-            writer = SummaryWriter(str(out_dir / "tensorboard"))
+            writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
         except ImportError:
             _logger.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
         from tqdm.auto import tqdm  # noqa: PLC0415
@@ -241,11 +272,15 @@ def train(cfg: TrainConfig) -> dict:
                         dynamic_ncols=True, mininterval=1.0)
 
     def next_batch():
+        drawn = 0
         while True:
             batch = collate([dataset[i] for i in sampler.take(cfg.micro_batch_size)], pad_id,
                             padding_side=cfg.padding_side)
             if batch is not None:
                 return batch
+            drawn += cfg.micro_batch_size
+            if drawn > len(dataset) + cfg.micro_batch_size:  # a whole pass without one usable sample
+                raise UsageError(f"every sample this process drew was skipped ({describe_skips(dataset.skipped)})")
 
     last = {}
     engine.train()
@@ -263,12 +298,15 @@ def train(cfg: TrainConfig) -> dict:
         normalizer = global_tokens / (world * cfg.grad_accum)
         sums = torch.zeros(3, device=device)
         seen_tokens = 0
+        own_grad_norm = None
         for batch in micro_batches:
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
             if batch.get("pixel_values") is not None:
                 batch["pixel_values"] = batch["pixel_values"].to(engine.module.dtype)
             out = distillation_loss(engine.module, handle, batch, comp, distill, normalizer)
             engine.backward(out["loss"])
+            if engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
+                own_grad_norm = _global_grad_norm(engine)  # reduced gradients, before clipping and the step
             engine.step()
             sums += torch.stack([out["sft_sum"].float(), out["kd_sum"].float(), out["tokens"].float()])
             seen_tokens += int(batch["attention_mask"].sum())
@@ -276,6 +314,8 @@ def train(cfg: TrainConfig) -> dict:
         tokens = max(float(sums[2]), 1.0)
         sft, kd = float(sums[0]) / tokens, float(sums[1]) / tokens
         grad_norm = engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = own_grad_norm
         elapsed = time.perf_counter() - started
         last = {"step": step + 1, "sft_loss": sft, "kd_loss": kd, "loss": (1 - cfg.lam) * sft + cfg.lam * kd,
                 "student_ratio": comp.student_ratio, "teacher_ratio": comp.teacher_ratio,
@@ -296,7 +336,7 @@ def train(cfg: TrainConfig) -> dict:
                             writer.add_scalar(f"train/{key}", value, step + 1)
         done = step + 1 == total_steps
         if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or (done and cfg.save_steps):
-            _save(engine, sampler, ckpt_root, step + 1, rank, cfg.keep_checkpoints)
+            checkpoint.save(engine, sampler, ckpt_root, step + 1, rank, cfg.keep_checkpoints, cfg, world)
         if cfg.stop_after_steps and step + 1 == cfg.stop_after_steps:
             _logger.warning("stopping after %d steps as asked (--stop-after-steps)", step + 1)
             break
@@ -306,50 +346,13 @@ def train(cfg: TrainConfig) -> dict:
         if writer is not None:
             writer.close()
     summary = {"last": last, "skipped": dict(dataset.skipped), "total_steps": total_steps}
+    if rank == 0 and sum(dataset.skipped.values()):
+        _logger.warning("skipped samples: %s", dict(dataset.skipped))
+    _skip_check(dataset, cfg, device)
     finished = not (cfg.stop_after_steps and cfg.stop_after_steps < total_steps)
     if cfg.export and finished:
         summary["export"] = str(_export(engine, handle, processor, out_dir / "final", cfg, rank))
-    if rank == 0 and sum(dataset.skipped.values()):
-        _logger.warning("skipped samples: %s", dict(dataset.skipped))
     return summary
-
-
-def _save(engine, sampler: Sampler, root: pathlib.Path, step: int, rank: int, keep: int) -> None:
-    tag = f"step{step:07d}"
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
-    torch.save({"sampler": sampler.state(), "rng": _rng_state(), "step": step}, root / tag / f"epic_rank{rank}.pt")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    if rank == 0 and keep > 0:
-        tags = sorted(p for p in root.glob("step*") if p.is_dir())
-        for old in tags[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _resume(engine, sampler: Sampler, path: pathlib.Path, rank: int, auto: bool = False) -> int:
-    """Loads the checkpoint at path (a step directory, or a root whose latest step is taken). Returns its step."""
-    if path.is_dir() and path.name.startswith("step"):
-        root, tag = path.parent, path.name
-    else:
-        root = path
-        latest = root / "latest"
-        tags = sorted(p.name for p in root.glob("step*") if p.is_dir()) if root.is_dir() else []
-        if latest.is_file():
-            tag = latest.read_text().strip()
-        elif tags:
-            tag = tags[-1]
-        elif auto:
-            return 0
-        else:
-            raise FileNotFoundError(f"--resume: no checkpoint under {root}")
-    loaded, _ = engine.load_checkpoint(str(root), tag=tag)
-    if loaded is None:
-        raise FileNotFoundError(f"--resume: DeepSpeed could not load {root / tag}")
-    state = torch.load(root / tag / f"epic_rank{rank}.pt", weights_only=False)
-    sampler.load(state["sampler"])
-    _set_rng_state(state["rng"])
-    _logger.info("resumed from %s at step %d", root / tag, state["step"])
-    return int(state["step"])
 
 
 def _export(engine, handle, processor, target: pathlib.Path, cfg: TrainConfig, rank: int) -> pathlib.Path:

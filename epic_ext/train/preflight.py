@@ -1,0 +1,73 @@
+"""Checks of `python -m epic_ext.train` that run before DeepSpeed starts and the model loads: paths, the model's
+config.json, layers against the model's depth, the records (JSON, skipped-sample share), the DeepSpeed config and
+a resume's compatibility with its checkpoint. Each failure is a UsageError naming the option."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..cli import UsageError, check_skipped, load_model_config, load_records_option
+from ..compress import get_compressor
+from .checkpoint import check_resume
+from .config import TrainConfig, deepspeed_config
+from .data import ImageLoadError, scan_records
+
+
+@dataclass
+class Checked:
+    """What the checks read and the run reuses."""
+
+    records: list[dict]
+    num_layers: int
+    world_size: int
+
+
+def check_layers(cfg: TrainConfig, num_layers: int) -> None:
+    """--layer (and --min-layer for the lcd schedules) against the model's decoder layers and the method."""
+    low = get_compressor(cfg.method).min_layer
+    if not low <= cfg.layer < num_layers:
+        raise UsageError(f"--layer must be in [{low}, {num_layers - 1}] for --method {cfg.method} on this model "
+                         f"({num_layers} decoder layers), got {cfg.layer}")
+    if "lcd" in cfg.schedule and not low <= cfg.min_layer < num_layers:
+        raise UsageError(f"--min-layer must be in [{low}, {num_layers - 1}] for --schedule {cfg.schedule} on this "
+                         f"model ({num_layers} decoder layers), got {cfg.min_layer}")
+
+
+def preflight(cfg: TrainConfig) -> Checked:
+    """Runs every check that needs no model weights and no process group.
+
+    Raises:
+        UsageError: the first problem found, naming its option.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        ds = deepspeed_config(cfg, world_size)
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from error
+    except ValueError as error:
+        raise UsageError(f"--deepspeed-config: {error}") from error
+    if cfg.data and not os.path.exists(cfg.data):  # the cheapest check first
+        raise UsageError(f"--data: {cfg.data} does not exist")
+    config = load_model_config(cfg.model)
+    num_layers = config.text_config.num_hidden_layers
+    check_layers(cfg, num_layers)
+    visual = config.image_seq_length
+    if any(keep > visual for keep in cfg.eval_keep):
+        raise UsageError(f"--eval-keep values must be <= the model's {visual} visual tokens, got {cfg.eval_keep}")
+    records = load_records_option(cfg.data, "--data")
+    if cfg.eval_data:
+        load_records_option(cfg.eval_data, "--eval-data")
+    if len(records) < world_size:
+        raise UsageError(f"--data: {len(records)} records for {world_size} processes; every process needs one")
+    try:
+        skipped = scan_records(records, cfg.image_folder, on_bad_image=cfg.on_bad_image)
+    except (ImageLoadError, ValueError) as error:
+        raise UsageError(f"--on-bad-image error: {error}") from error
+    check_skipped(skipped, len(records), cfg.max_skip_fraction, image_folder=cfg.image_folder,
+                  what="training records")
+    try:
+        check_resume(cfg, world_size, int(ds.get("zero_optimization", {}).get("stage", 0)))
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from error
+    return Checked(records=records, num_layers=num_layers, world_size=world_size)
