@@ -134,13 +134,14 @@ def fake_checkpoint(out_dir: pathlib.Path, argv: list[str], world_size: int | No
     step = out_dir / "checkpoints" / "step0000002"
     step.mkdir(parents=True)
     (out_dir / "checkpoints" / "latest").write_text(step.name)
+    config = parse_args(argv).with_resolved_distillation().to_json()  # the loop records resolved --lam / --tau
     if world_size is None:  # written before epic_run.json existed: ranks counted from the epic_rank files
         for rank in range(2):
             (step / f"epic_rank{rank}.pt").write_bytes(b"")
-        (out_dir / "train_config.json").write_text(parse_args(argv).to_json())
+        (out_dir / "train_config.json").write_text(config)
     else:
         (step / "epic_run.json").write_text(json.dumps({"step": 2, "world_size": world_size, "zero_stage": 2,
-                                                        "config": json.loads(parse_args(argv).to_json())}))
+                                                        "config": json.loads(config)}))
     return step
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 from dataclasses import asdict, dataclass, field
@@ -121,6 +122,12 @@ class TrainConfig:
 
     def resolved_tau(self, constants: ResolvedConstants) -> float:
         return constants.tau if self.tau is None else self.tau
+
+    def with_resolved_distillation(self) -> TrainConfig:
+        """A copy with --lam / --tau filled from the schedule preset when not given (what the run uses, records
+        and compares on resume)."""
+        constants = resolve_constants(self.schedule_constants, self.method)
+        return dataclasses.replace(self, lam=self.resolved_lam(constants), tau=self.resolved_tau(constants))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -208,7 +208,7 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
     from .data import LlavaDataset, collate, load_records  # noqa: PLC0415
 
     constants = resolve_constants(cfg.schedule_constants, cfg.method)
-    cfg = dataclasses.replace(cfg, lam=cfg.resolved_lam(constants), tau=cfg.resolved_tau(constants))
+    cfg = cfg.with_resolved_distillation()
     rank, world, device = init_distributed()
     out_dir = pathlib.Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
