@@ -209,7 +209,9 @@ inline void check_select_tokens_args(const at::Tensor& scores, const at::Tensor&
 
 inline void check_span_start_range(int64_t min_value, int64_t max_value, int64_t span_length, int64_t L) {
   constexpr const char* OP_NAME = "select_tokens";
-  TORCH_CHECK(min_value >= 0 && max_value + span_length <= L, OP_NAME,
+  // L - span_length >= 0 (checked with the arguments): written this way, no sum can overflow. span_start near
+  // 2^63 once wrapped max_value + span_length around to a negative number that passed.
+  TORCH_CHECK(min_value >= 0 && max_value <= L - span_length, OP_NAME,
               ": every span [span_start, span_start + span_length) must lie inside the sequence [0, L=", L,
               "); got span_start in [", min_value, ", ", max_value, "] with span_length ", span_length);
 }

@@ -7,6 +7,9 @@ never ``torch.ops.epic_ext`` directly.
 
 from __future__ import annotations
 
+import math
+import operator
+
 import torch
 
 from . import _EXTENSION_ERROR
@@ -24,6 +27,35 @@ def _require_extension() -> None:
 def _check_tensor(value: object, name: str, op: str) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _check_int(value: object, name: str, op: str) -> int:
+    """value as a Python int: ints, NumPy integers and one-element integer tensors pass; bool, float (4.7, and
+    4.0 too), and anything outside int64 raise an error naming the argument instead of being truncated."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{op}: {name} must be an integer, got the bool {value!r}")
+    if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex() or value.numel() != 1):
+        raise TypeError(f"{op}: {name} must be an integer, got a {value.dtype} tensor of shape {tuple(value.shape)}")
+    try:
+        result = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an integer, got {type(value).__name__} {value!r}") from None
+    if not _INT64_MIN <= result <= _INT64_MAX:
+        raise ValueError(f"{op}: {name} must fit in int64, got {result}")
+    return result
+
+
+def _check_float(value: object, name: str, op: str) -> float:
+    """value as a Python float; bools and non-numbers raise an error naming the argument."""
+    if isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a number, got the bool {value!r}")
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__} {value!r}") from None
 
 
 def _check_same_device(op: str, first: tuple[str, torch.Tensor], *others: tuple[str, torch.Tensor | None]) -> None:
@@ -174,21 +206,25 @@ def select_tokens(
 
     Args:
         scores: [B, L] float (e.g. attention_importance's output).
-        span_start: int64 [B] (or one int for every sample): first position of each sample's span.
-        span_length: positions in every span.
-        keep: how many to keep, 0 <= keep <= span_length.
+        span_start: int64 [B] (or one int for every sample): first position of each sample's span; every span
+            must lie inside [0, L) (checked without overflow, so values near 2**63 are rejected too).
+        span_length: positions in every span (an integer: floats and bools are errors, never truncated).
+        keep: how many to keep, an integer with 0 <= keep <= span_length.
 
     Returns:
         int64 [B, keep] absolute positions in ascending order. Ties go to the lower position; NaN ranks lowest.
     """
     op = "select_tokens"
     _check_tensor(scores, "scores", op)
-    if isinstance(span_start, int):
-        span_start = torch.full((scores.shape[0],), span_start, dtype=torch.long, device=scores.device)
+    if not isinstance(span_start, torch.Tensor):
+        start = _check_int(span_start, "span_start", op)
+        span_start = torch.full((scores.shape[0],), start, dtype=torch.long, device=scores.device)
     _check_tensor(span_start, "span_start", op)
+    span_length = _check_int(span_length, "span_length", op)
+    keep = _check_int(keep, "keep", op)
     _check_same_device(op, ("scores", scores), ("span_start", span_start))
     _require_extension()
-    return torch.ops.epic_ext.select_tokens(scores, span_start, int(span_length), int(keep))
+    return torch.ops.epic_ext.select_tokens(scores, span_start, span_length, keep)
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -206,9 +242,10 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.T
     op = "gather_tokens"
     _check_tensor(x, "x", op)
     _check_tensor(index, "index", op)
+    dim = _check_int(dim, "dim", op)
     _check_same_device(op, ("x", x), ("index", index))
     _require_extension()
-    return torch.ops.epic_ext.gather_tokens(x, index, int(dim))
+    return torch.ops.epic_ext.gather_tokens(x, index, dim)
 
 
 def _register_token_ops() -> None:

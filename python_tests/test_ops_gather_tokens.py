@@ -111,3 +111,11 @@ def test_opcheck(device):
 def test_bad_arguments_name_the_argument(x_shape, index, dim, match):
     with pytest.raises((RuntimeError, ValueError), match=match):
         ops.gather_tokens(torch.randn(*x_shape), index, dim=dim)
+
+
+@pytest.mark.parametrize("dim, match", [(1.5, "dim must be an integer"), (True, "dim must be an integer, got the bool"),
+                                        (2**70, "dim must fit in int64")])
+def test_non_integer_dim_raises(dim, match):
+    """dim=1.5 used to be truncated to 1."""
+    with pytest.raises((TypeError, ValueError), match=match):
+        ops.gather_tokens(torch.randn(2, 5, 3), torch.zeros(2, 2, dtype=torch.long), dim=dim)
