@@ -158,6 +158,9 @@ inline void check_attention_importance_args(const at::Tensor& query, const at::T
               query.size(0), " and ", key.size(0));
   TORCH_CHECK(query.size(3) == key.size(3), OP_NAME, ": query and key must have the same head dim D, got ",
               query.size(3), " and ", key.size(3));
+  // D = 0 has no default scale (D^-0.5) and no meaningful score.
+  TORCH_CHECK(query.size(3) > 0, OP_NAME, ": query and key must have a head dim D > 0, got query shape ",
+              query.sizes());
   TORCH_CHECK(key.size(1) > 0 && query.size(1) % key.size(1) == 0, OP_NAME,
               ": query heads Hq must be a multiple of key heads Hkv (grouped-query attention), got Hq=", query.size(1),
               " Hkv=", key.size(1));

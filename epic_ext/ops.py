@@ -187,6 +187,11 @@ def attention_importance(
 
     Returns:
         [B, L] fp32. A row that sees no key is not counted; a sample without a counted row gets zeros.
+
+    NaN and inf propagate as in epic_ext.reference.attention_importance (torch.softmax semantics): a counted row
+    whose visible scores include a NaN or +inf (an fp32 score that overflows counts as inf), or are all -inf, has
+    a NaN softmax, and the mean carries it to every position of that sample; never zeros or plausible numbers.
+    Skipped rows, padded keys and keys after a row's position are not looked at. D must be > 0.
     """
     op = "attention_importance"
     _check_tensor(query, "query", op)

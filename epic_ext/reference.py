@@ -69,7 +69,8 @@ def attention_importance(
     """Reference for :func:`epic_ext.ops.attention_importance`: the full [B, Hq, R, L] softmax, then means.
 
     Returns:
-        [B, L] in compute_dtype.
+        [B, L] in compute_dtype. A counted row with a NaN or +inf visible score, or only -inf ones, has a NaN
+        softmax (torch.softmax), which makes the whole sample NaN through the mean; the op does the same.
     """
     batch, q_heads, rows, head_dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
