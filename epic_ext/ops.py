@@ -99,6 +99,15 @@ def temperature_kl(
 
     Returns:
         fp32 tensor: a scalar, or [N] for reduction="none".
+
+    Non-finite inputs (the reference, epic_ext.reference.temperature_kl, follows the same rules):
+        - a NaN anywhere in a used teacher row or in the student row gives kl_i = NaN (and a NaN gradient row);
+        - so does +inf in either row, and a teacher or student row that is entirely -inf (no distribution);
+        - teacher -inf entries have p = 0 and add nothing; a student -inf where the teacher entry is not -inf
+          gives kl_i = +inf (q = 0 < p);
+        - ignored rows (row_index -1) are 0 with a zero gradient whatever they hold.
+        A NaN row makes the "mean" and "sum" NaN, as in torch. temperature must be >= ~4.24e-39 (log2(e) / T must
+        be finite in fp32; smaller values raise), and scale / T must be finite in fp32.
     """
     op = "temperature_kl"
     _check_tensor(student_logits, "student_logits", op)
@@ -109,10 +118,15 @@ def temperature_kl(
                        ("row_index", row_index))
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    temperature = float(temperature)
+    temperature = _check_float(temperature, "temperature", op)
     if not temperature > 0.0:
         raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
-    scale = temperature * temperature if scale is None else float(scale)
+    if scale is None:
+        scale = temperature * temperature
+        if not math.isfinite(scale):
+            raise ValueError(f"{op}: temperature {temperature} is too large: the default scale T**2 overflows")
+    else:
+        scale = _check_float(scale, "scale", op)
     _require_extension()
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     row_loss, _ = torch.ops.epic_ext.temperature_kl(
