@@ -108,6 +108,10 @@ def temperature_kl(
         - ignored rows (row_index -1) are 0 with a zero gradient whatever they hold.
         A NaN row makes the "mean" and "sum" NaN, as in torch. temperature must be >= ~4.24e-39 (log2(e) / T must
         be finite in fp32; smaller values raise), and scale / T must be finite in fp32.
+
+    Double backward (torch.autograd.grad(..., create_graph=True), then a gradient of that gradient) is supported:
+    under create_graph the backward recomputes the gradient with differentiable torch ops in fp32 (one [N, V]
+    temporary), so Hessian-vector products are exact. Only the student is differentiated, never the teacher.
     """
     op = "temperature_kl"
     _check_tensor(student_logits, "student_logits", op)
@@ -143,6 +147,29 @@ def temperature_kl(
     return total / (row_index >= 0).sum().clamp(min=1)
 
 
+def _student_grad_differentiable(student: torch.Tensor, teacher: torch.Tensor, row_index: torch.Tensor | None,
+                                 temperature: float, scale: float, grad_rows: torch.Tensor) -> torch.Tensor:
+    """grad_rows[i] * scale / T * (softmax(student[i] / T) - softmax(teacher[r_i] / T)) with torch ops, fp32,
+    differentiable w.r.t. student and grad_rows; same non-finite rules as the kernels (NaN / +inf / all -inf rows
+    give NaN rows, ignored rows give exact zeros, also in every higher derivative)."""
+    s = student.float()
+    t = teacher.detach().float()
+    if row_index is None:
+        used = torch.ones(s.shape[0], 1, dtype=torch.bool, device=s.device)
+    else:
+        used = (row_index >= 0)[:, None]
+        t = t[row_index.clamp(min=0)]
+    # Ignored rows are replaced before any math, so that their contents cannot reach a derivative as 0 * NaN.
+    s = torch.where(used, s, torch.zeros((), dtype=s.dtype, device=s.device))
+    t = torch.where(used, t, torch.zeros((), dtype=t.dtype, device=t.device))
+    # Differences to the row max before dividing by T, as in the kernels (logit / T may overflow for tiny T);
+    # a row max of +inf, -inf or NaN makes the row NaN.
+    q = torch.softmax((s - s.detach().amax(dim=-1, keepdim=True)) / temperature, dim=-1)
+    p = torch.softmax((t - t.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
+    grad = (q - p) * (grad_rows[:, None] * (scale / temperature))
+    return torch.where(used, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)).to(student.dtype)
+
+
 def _register_temperature_kl() -> None:
     @torch.library.register_fake("epic_ext::temperature_kl")
     def _temperature_kl_fake(student, teacher, row_index, temperature, scale, compute_grad):
@@ -156,10 +183,16 @@ def _register_temperature_kl() -> None:
         return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
     def setup_context(ctx, inputs, output):
-        _, _, _, _, _, compute_grad = inputs
+        student, teacher, row_index, temperature, scale, compute_grad = inputs
         _, grad = output
         ctx.compute_grad = compute_grad
-        ctx.save_for_backward(grad)
+        ctx.temperature = temperature
+        ctx.scale = scale
+        # The stored gradient is a constant of the forward, not a function of the student: marking it keeps a
+        # gradient from silently flowing (as zero) through it.
+        ctx.mark_non_differentiable(grad)
+        # The inputs are saved only for create_graph backward passes (references, no copies).
+        ctx.save_for_backward(grad, student, teacher, row_index)
 
     def backward(ctx, grad_row_loss, _grad_of_grad):
         if not ctx.compute_grad:
@@ -167,8 +200,14 @@ def _register_temperature_kl() -> None:
                 "temperature_kl: backward through a call made with compute_grad=False; call "
                 "epic_ext.ops.temperature_kl with a student that requires grad and grad mode enabled"
             )
-        (grad,) = ctx.saved_tensors
-        student_grad = torch.ops.epic_ext.temperature_kl_backward(grad, grad_row_loss.float())
+        grad, student, teacher, row_index = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the stored gradient is a constant, so its derivative w.r.t. the student would be
+            # lost (a gradient of this gradient would silently be 0). Recompute it with differentiable ops.
+            student_grad = _student_grad_differentiable(student, teacher, row_index, ctx.temperature, ctx.scale,
+                                                        grad_row_loss.float())
+        else:
+            student_grad = torch.ops.epic_ext.temperature_kl_backward(grad, grad_row_loss.float())
         return student_grad, None, None, None, None, None
 
     torch.library.register_autograd("epic_ext::temperature_kl", backward, setup_context=setup_context)

@@ -356,6 +356,65 @@ def test_tensors_on_different_devices():
         ops.temperature_kl(s, t.to(other), row_index=torch.tensor([0, 1]))
 
 
+# ------------------------------------------------------------------------------------ issue 10: double backward --
+def _hessian_vector(fn, student, teacher, direction, **kwargs):
+    """d/d student of <d loss / d student, direction>, through create_graph=True (what a gradient penalty does)."""
+    student = student.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(fn(student, teacher, **kwargs), student, create_graph=True)
+    (second,) = torch.autograd.grad((grad * direction.to(grad.dtype)).sum(), student)
+    return grad.detach(), second
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_double_backward_matches_reference(device, reduction):
+    """A gradient of the gradient used to be silently 0.0 (reference 0.0163)."""
+    g = torch.Generator().manual_seed(31)
+    student = make_logits(5, 37, torch.float32, device, g)
+    teacher = make_logits(4, 37, torch.bfloat16, device, g)
+    teacher[2, :9] = float("-inf")
+    row_index = torch.tensor([3, -1, 0, 2, 2], device=device)
+    direction = torch.randn(5, 37, generator=g, dtype=torch.float64).to(device)
+    kwargs = dict(temperature=1.7, row_index=row_index, reduction=reduction)
+
+    def op_loss(s, t, **kw):
+        loss = ops.temperature_kl(s, t, **kw)
+        return loss if reduction != "none" else (loss * torch.linspace(0.5, 2, 5, device=device)).sum()
+
+    def ref_loss(s, t, **kw):
+        loss = reference.temperature_kl(s, t, **kw)
+        return loss if reduction != "none" else (loss * torch.linspace(0.5, 2, 5, device=device).double()).sum()
+
+    grad, second = _hessian_vector(op_loss, student, teacher, direction, **kwargs)
+    ref_grad, ref_second = _hessian_vector(ref_loss, student.double(), teacher, direction, **kwargs)
+    assert rel_err(grad, ref_grad) < FP32_TOL
+    assert ref_second.abs().max() > 1e-3  # the old silent answer (0) cannot pass
+    assert rel_err(second, ref_second) < 1e-4
+    assert torch.all(second[1] == 0)  # the ignored row
+
+
+@pytest.mark.filterwarnings("ignore:Input #. requires gradient and is not a double precision")
+def test_gradgradcheck():
+    """torch.autograd.gradgradcheck on the op (fp32: finite differences with a larger eps and tolerance), and the
+    same check on the fp64 reference it is compared with above."""
+    g = torch.Generator().manual_seed(32)
+    student = make_logits(3, 6, torch.float32, "cpu", g, spread=1.0).requires_grad_(True)
+    teacher = make_logits(3, 6, torch.float32, "cpu", g, spread=1.0)
+    row_index = torch.tensor([2, 0, -1])
+    fn = lambda s: ops.temperature_kl(s, teacher, temperature=1.5, row_index=row_index, reduction="sum")  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (student,), eps=1e-2, atol=2e-3, rtol=2e-2)
+    ref_fn = lambda s: reference.temperature_kl(s, teacher, temperature=1.5, row_index=row_index,  # noqa: E731
+                                                reduction="sum")
+    assert torch.autograd.gradgradcheck(ref_fn, (student.detach().double().requires_grad_(True),))
+
+
+def test_stored_gradient_output_is_not_differentiable():
+    """The op's second output is a constant of the forward: no gradient may silently flow (as 0) through it."""
+    student = torch.randn(2, 5, requires_grad=True)
+    _, grad = torch.ops.epic_ext.temperature_kl(student, torch.randn(2, 5), None, 1.0, 1.0, True)
+    assert not grad.requires_grad
+
+
 # ------------------------------------------------------------------------------- issue 10: tiny temperatures --
 @pytest.mark.parametrize("temperature", [1e-39, 4e-39, 1e-45])
 def test_temperature_too_small_to_compute_is_rejected(temperature):
