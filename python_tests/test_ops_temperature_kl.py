@@ -520,3 +520,16 @@ def test_student_minus_inf_where_teacher_probability_underflows():
     teacher = torch.tensor([[0.0, 1.0, -3000.0, 0.5]])
     assert torch.isposinf(ops.temperature_kl(student, teacher, reduction="none")).all()
     assert torch.isposinf(reference.temperature_kl(student, teacher, reduction="none")).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mean_of_rows_near_fp32_max_does_not_overflow(device):
+    """Found by the fuzz suite: two rows of ~2.4e38 have a mean that fits fp32, but their fp32 sum was inf."""
+    student = torch.tensor([[0.0, -1.0], [0.0, -1.0]], device=device)
+    teacher = torch.tensor([[-1.0, 0.0], [-1.0, 0.0]], device=device)
+    kwargs = dict(temperature=4.25e-39, scale=1.0)
+    loss = ops.temperature_kl(student, teacher, **kwargs)
+    ref = reference.temperature_kl(student, teacher, **kwargs)
+    assert 1e38 < ref.item() < 3.4e38 and torch.isfinite(loss)
+    torch.testing.assert_close(loss.double().cpu(), ref.cpu(), rtol=1e-5, atol=0)
+    assert torch.isinf(ops.temperature_kl(student, teacher, reduction="sum", **kwargs))  # the sum does not fit
