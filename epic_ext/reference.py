@@ -130,7 +130,9 @@ def select_tokens(scores: torch.Tensor, span_start: torch.Tensor, span_length: i
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Reference for :func:`epic_ext.ops.gather_tokens` with torch.gather on an expanded index (differentiable)."""
     dim = dim if dim >= 0 else dim + x.dim()
-    padded = torch.cat([x, torch.zeros_like(x.narrow(dim, 0, 1))], dim=dim)  # row L is the zero row
+    zero_shape = list(x.shape)
+    zero_shape[dim] = 1
+    padded = torch.cat([x, x.new_zeros(zero_shape)], dim=dim)  # row L is the zero row (also when L = 0)
     safe = torch.where(index >= 0, index, torch.full_like(index, x.shape[dim]))
     shape = [x.shape[0]] + [1] * (x.dim() - 1)
     shape[dim] = index.shape[1]
