@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
 PROFILE ?= quick
-.PHONY: all setup build test demo bench ablation cuda-check clean
+.PHONY: all setup build test fuzz demo bench ablation cuda-check clean
 all: test
 
 $(VPY):
@@ -37,6 +37,12 @@ build: $(BUILD_STAMP)
 
 test: build
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# The property-based op tests (python_tests/test_fuzz_*.py) with many random examples instead of `make test`'s
+# fixed, bounded set (Hypothesis profile "fuzz", see python_tests/conftest.py). Failures are saved in .hypothesis/
+# and replayed first next time; turn each into an @example or a plain test.
+fuzz: build
+	$(VPY) -m pytest python_tests/test_fuzz_*.py --hypothesis-profile=fuzz -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: build
 	$(VPY) -m epic_ext.train --demo --output-dir runs/demo
