@@ -376,17 +376,17 @@ def test_double_backward_matches_reference(device, reduction):
     row_index = torch.tensor([3, -1, 0, 2, 2], device=device)
     direction = torch.randn(5, 37, generator=g, dtype=torch.float64).to(device)
     kwargs = dict(temperature=1.7, row_index=row_index, reduction=reduction)
+    row_weights = torch.linspace(0.5, 2, 5, dtype=torch.float64, device=device)  # reduction="none": a weighted sum
 
-    def op_loss(s, t, **kw):
-        loss = ops.temperature_kl(s, t, **kw)
-        return loss if reduction != "none" else (loss * torch.linspace(0.5, 2, 5, device=device)).sum()
+    def scalar_loss(kl_fn):
+        def loss(s, t, **kw):
+            value = kl_fn(s, t, **kw)
+            return value if reduction != "none" else (value * row_weights.to(value.dtype)).sum()
+        return loss
 
-    def ref_loss(s, t, **kw):
-        loss = reference.temperature_kl(s, t, **kw)
-        return loss if reduction != "none" else (loss * torch.linspace(0.5, 2, 5, device=device).double()).sum()
-
-    grad, second = _hessian_vector(op_loss, student, teacher, direction, **kwargs)
-    ref_grad, ref_second = _hessian_vector(ref_loss, student.double(), teacher, direction, **kwargs)
+    grad, second = _hessian_vector(scalar_loss(ops.temperature_kl), student, teacher, direction, **kwargs)
+    ref_grad, ref_second = _hessian_vector(scalar_loss(reference.temperature_kl), student.double(), teacher,
+                                           direction, **kwargs)
     assert rel_err(grad, ref_grad) < FP32_TOL
     assert ref_second.abs().max() > 1e-3  # the old silent answer (0) cannot pass
     assert rel_err(second, ref_second) < 1e-4
