@@ -49,9 +49,11 @@ def _check_int(value: object, name: str, op: str) -> int:
 
 
 def _check_float(value: object, name: str, op: str) -> float:
-    """value as a Python float; bools and non-numbers raise an error naming the argument."""
+    """value as a Python float; bools, strings and non-numbers raise an error naming the argument."""
     if isinstance(value, bool):
         raise TypeError(f"{op}: {name} must be a number, got the bool {value!r}")
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{op}: {name} must be a number, got the string {value!r}")
     try:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -107,7 +109,8 @@ def temperature_kl(
           gives kl_i = +inf (q = 0 < p);
         - ignored rows (row_index -1) are 0 with a zero gradient whatever they hold.
         A NaN row makes the "mean" and "sum" NaN, as in torch. temperature must be >= ~4.24e-39 (log2(e) / T must
-        be finite in fp32; smaller values raise), and scale / T must be finite in fp32.
+        be finite in fp32; smaller values raise), and scale / T must be finite in fp32. Each row's loss is fp32 (a
+        row beyond fp32's range is inf, and so is a reduction over it); "mean" and "sum" add the rows in fp64.
 
     Double backward (torch.autograd.grad(..., create_graph=True), then a gradient of that gradient) is supported:
     under create_graph the backward recomputes the gradient with differentiable torch ops in fp32 (one [N, V]
@@ -255,7 +258,7 @@ def attention_importance(
                        ("key_padding_mask", key_padding_mask))
     _require_extension()
     return torch.ops.epic_ext.attention_importance(
-        query, key, None if scale is None else float(scale), query_positions, key_padding_mask
+        query, key, None if scale is None else _check_float(scale, "scale", op), query_positions, key_padding_mask
     )
 
 

@@ -91,45 +91,46 @@ BAD_ARGUMENTS = ["query rank", "key rank", "dtype", "dtype mismatch", "batch", "
 
 @pytest.mark.parametrize("device", DEVICES)
 @given(bad=st.sampled_from(BAD_ARGUMENTS), length=sizes(1, 9), hostile=st.sampled_from(HOSTILE_INTS + [-2]),
-       position=st.integers(0, 3))
+       position=st.integers(0, 4))
 def test_bad_arguments_raise_naming_them(device, bad, length, hostile, position):
+    variant = position % 4  # for the lists of four variants; "scale" has five
     query, key = torch.randn(2, 4, 3, 8, device=device), torch.randn(2, 2, length, 8, device=device)
     kwargs = {}
     name = {"query rank": "query", "key rank": "key", "dtype": "query", "dtype mismatch": "dtype", "batch": "batch",
             "head dim": "head dim", "heads": "heads", "zero head dim": "head dim"}.get(bad, bad.split()[0])
     if bad == "query rank":
-        query = query[0] if position % 2 else query[None]
+        query = query[0] if variant % 2 else query[None]
     elif bad == "key rank":
-        key = key[0] if position % 2 else key[None]
+        key = key[0] if variant % 2 else key[None]
     elif bad == "dtype":
-        query, key = query.to([torch.float64, torch.int64, torch.bool, torch.int32][position]), key.double()
+        query, key = query.to([torch.float64, torch.int64, torch.bool, torch.int32][variant]), key.double()
     elif bad == "dtype mismatch":
-        key = key.half() if position % 2 else key.bfloat16()
+        key = key.half() if variant % 2 else key.bfloat16()
     elif bad == "batch":
         key = torch.randn(3, 2, length, 8, device=device)
     elif bad == "head dim":
-        key = torch.randn(2, 2, length, 7 + 2 * position, device=device)
+        key = torch.randn(2, 2, length, 7 + 2 * variant, device=device)
     elif bad == "heads":
         key = torch.randn(2, 3, length, 8, device=device)
     elif bad == "zero head dim":
         query, key = query[..., :0], key[..., :0]
     elif bad == "scale":
-        kwargs["scale"] = [0.0, -1.0, float("nan"), float("inf")][position]
+        kwargs["scale"] = [0.0, -1.0, float("nan"), float("inf"), "0.5"][position]
     elif bad == "query_positions dtype":
         kwargs["query_positions"] = torch.zeros(2, 3, dtype=[torch.int32, torch.float32, torch.bool, torch.int16]
-                                                [position], device=device)
+                                                [variant], device=device)
     elif bad == "query_positions shape":
-        kwargs["query_positions"] = torch.zeros([(2, 2), (3, 3), (2, 3, 1), (6,)][position], dtype=torch.long,
+        kwargs["query_positions"] = torch.zeros([(2, 2), (3, 3), (2, 3, 1), (6,)][variant], dtype=torch.long,
                                                 device=device)
     elif bad == "query_positions value":
         positions = torch.zeros(2, 3, dtype=torch.long, device=device)
-        positions[position % 2, position % 3] = hostile if position < 2 else length  # L itself is out of range
+        positions[variant % 2, variant % 3] = hostile if variant < 2 else length  # L itself is out of range
         kwargs["query_positions"] = positions
     elif bad == "key_padding_mask dtype":
         kwargs["key_padding_mask"] = torch.ones(2, length, dtype=[torch.float32, torch.long, torch.uint8,
-                                                                  torch.int32][position], device=device)
+                                                                  torch.int32][variant], device=device)
     elif bad == "key_padding_mask shape":
-        kwargs["key_padding_mask"] = torch.ones([(2, length + 1), (1, length), (2, length, 1), (2,)][position],
+        kwargs["key_padding_mask"] = torch.ones([(2, length + 1), (1, length), (2, length, 1), (2,)][variant],
                                                 dtype=torch.bool, device=device)
     with pytest.raises((RuntimeError, ValueError, TypeError), match=name):
         ops.attention_importance(query, key, **kwargs)
