@@ -28,7 +28,7 @@ def sizes(low: int = 0, high: int = 9, large: int = 0) -> st.SearchStrategy[int]
     small = st.integers(low, high)
     if large <= high:
         return small
-    return st.one_of(small, small, small, st.sampled_from([s for s in (97, 131, 257, 1031) if low <= s <= large]))
+    return st.one_of(small, small, small, st.sampled_from([s for s in (97, 131, 257, 1031, 4099) if low <= s <= large]))
 
 
 @st.composite

@@ -8,7 +8,9 @@ raise an error that names the argument. Found failures are kept as @example / pl
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import pytest
 import torch
@@ -25,7 +27,7 @@ TEMPERATURES = [1.0, 0.5, 2.0, 0.05, 7.3, 1e3, 1e-30, 4.25e-39]
 
 
 @st.composite
-def kl_cases(draw, specials=True, kinds=None, large_vocab=1031):
+def kl_cases(draw, specials=True, kinds=None, large_vocab=4099):
     n = draw(sizes(0, 7))
     vocab = draw(sizes(1, 40, large=large_vocab))
     with_index = draw(st.booleans())
@@ -39,6 +41,8 @@ def kl_cases(draw, specials=True, kinds=None, large_vocab=1031):
         "scale": draw(st.one_of(st.none(), st.sampled_from([1.0, 0.25, -2.0, 3.5]))),
         "reduction": draw(st.sampled_from(["mean", "sum", "none"])),
         "grad_seed": draw(st.integers(0, 2**31 - 1)),
+        # CPU row kernels: the AVX2 ones where the CPU has them (the default), or the portable ones.
+        "cpu_kernels": draw(st.sampled_from(["default", "generic"])),
     }
     return case
 
@@ -65,7 +69,27 @@ def finite_range(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x)).amax(dim=1) if x.shape[1] else x[:, 0]
 
 
+@contextlib.contextmanager
+def cpu_kernels(choice: str):
+    """EPIC_EXT_CPU_KERNELS=generic for the duration (read by the op on every call)."""
+    saved = os.environ.get("EPIC_EXT_CPU_KERNELS")
+    if choice == "generic":
+        os.environ["EPIC_EXT_CPU_KERNELS"] = "generic"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("EPIC_EXT_CPU_KERNELS", None)
+        else:
+            os.environ["EPIC_EXT_CPU_KERNELS"] = saved
+
+
 def check_case(case: dict, device: str) -> None:
+    with cpu_kernels(case.get("cpu_kernels", "default")):
+        check_case_with_kernels(case, device)
+
+
+def check_case_with_kernels(case: dict, device: str) -> None:
     student, teacher, kwargs = build(case, device)
     n, vocab = student.shape
     temperature = case["temperature"]
