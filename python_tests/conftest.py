@@ -13,7 +13,7 @@ import epic_ext
 # Property-based op tests (test_fuzz_*.py): `make test` runs the derandomized "ci" profile (fixed examples, bounded
 # count); `make fuzz` runs "fuzz" (random, many examples; failures are saved in .hypothesis/ and replayed first).
 _FUZZ_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.differing_executors]
-settings.register_profile("ci", derandomize=True, max_examples=100, deadline=None, database=None,
+settings.register_profile("ci", derandomize=True, max_examples=250, deadline=None, database=None,
                           print_blob=True, suppress_health_check=_FUZZ_HEALTH)
 settings.register_profile("fuzz", max_examples=2500, deadline=None, print_blob=True,
                           suppress_health_check=_FUZZ_HEALTH)
