@@ -15,7 +15,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
 PROFILE ?= quick
 CONSTANTS ?=
-.PHONY: all setup build test test-compat install-check demo bench ablation cuda-check clean
+.PHONY: all setup build test test-compat install-check fuzz demo bench ablation cuda-check clean
 all: test
 
 $(VPY):
@@ -49,6 +49,12 @@ test-compat: build
 # pins), then the whole suite against that regular (non-editable) install, run from outside the source tree.
 install-check:
 	tools/install_check.sh
+
+# The property-based op tests (python_tests/test_fuzz_*.py) with many random examples instead of `make test`'s
+# fixed, bounded set (Hypothesis profile "fuzz", see python_tests/conftest.py). Failures are saved in .hypothesis/
+# and replayed first next time; turn each into an @example or a plain test.
+fuzz: build
+	$(VPY) -m pytest python_tests/test_fuzz_*.py --hypothesis-profile=fuzz -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: build
 	$(VPY) -m epic_ext.train --demo --output-dir runs/demo

@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <cfloat>
 #include <cmath>
 #include <string>
 #include <tuple>
@@ -54,6 +55,9 @@ at::Tensor temperature_kl_backward_cuda(const at::Tensor& grad, const at::Tensor
 
 // Checks shared by both devices. Checking row_index *values* is device specific (CPU reads them directly,
 // CUDA does one min/max reduction) and happens in the kernels' files through check_row_index_range.
+// Smallest temperature the kernels can compute with: log2(e) / T must be a finite fp32 (about 4.24e-39).
+constexpr double kMinTemperature = 1.4426950408889634 / static_cast<double>(FLT_MAX);
+
 inline void check_temperature_kl_args(const at::Tensor& student, const at::Tensor& teacher,
                                       const std::optional<at::Tensor>& row_index, double temperature,
                                       double scale) {
@@ -66,9 +70,15 @@ inline void check_temperature_kl_args(const at::Tensor& student, const at::Tenso
   TORCH_CHECK(student.size(1) == teacher.size(1), OP_NAME,
               ": student_logits and teacher_logits must have the same vocabulary size V, got ", student.size(1),
               " and ", teacher.size(1));
-  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), OP_NAME,
-              ": temperature must be a finite number > 0, got ", temperature);
+  // The kernels scale logit differences by log2(e) / T (CUDA) or 1 / T (CPU) held in fp32: below this bound the
+  // factor is inf and every result would be NaN. Above it both devices compute the loss (tested down to the bound).
+  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature) && temperature >= kMinTemperature, OP_NAME,
+              ": temperature must be a finite number > 0 and >= ", kMinTemperature,
+              " (log2(e) / temperature must be finite in fp32), got ", temperature);
   TORCH_CHECK(std::isfinite(scale), OP_NAME, ": scale must be finite, got ", scale);
+  TORCH_CHECK(std::fabs(scale / temperature) <= static_cast<double>(FLT_MAX), OP_NAME,
+              ": scale / temperature must be finite in fp32 (it multiplies the gradient), got scale=", scale,
+              " temperature=", temperature);
   if (row_index.has_value()) {
     const at::Tensor& ri = *row_index;
     TORCH_CHECK(ri.scalar_type() == at::kLong, OP_NAME, ": row_index must be int64, got ", ri.scalar_type());
@@ -158,6 +168,9 @@ inline void check_attention_importance_args(const at::Tensor& query, const at::T
               query.size(0), " and ", key.size(0));
   TORCH_CHECK(query.size(3) == key.size(3), OP_NAME, ": query and key must have the same head dim D, got ",
               query.size(3), " and ", key.size(3));
+  // D = 0 has no default scale (D^-0.5) and no meaningful score.
+  TORCH_CHECK(query.size(3) > 0, OP_NAME, ": query and key must have a head dim D > 0, got query shape ",
+              query.sizes());
   TORCH_CHECK(key.size(1) > 0 && query.size(1) % key.size(1) == 0, OP_NAME,
               ": query heads Hq must be a multiple of key heads Hkv (grouped-query attention), got Hq=", query.size(1),
               " Hkv=", key.size(1));
@@ -209,7 +222,9 @@ inline void check_select_tokens_args(const at::Tensor& scores, const at::Tensor&
 
 inline void check_span_start_range(int64_t min_value, int64_t max_value, int64_t span_length, int64_t L) {
   constexpr const char* OP_NAME = "select_tokens";
-  TORCH_CHECK(min_value >= 0 && max_value + span_length <= L, OP_NAME,
+  // L - span_length >= 0 (checked with the arguments): written this way, no sum can overflow. span_start near
+  // 2^63 once wrapped max_value + span_length around to a negative number that passed.
+  TORCH_CHECK(min_value >= 0 && max_value <= L - span_length, OP_NAME,
               ": every span [span_start, span_start + span_length) must lie inside the sequence [0, L=", L,
               "); got span_start in [", min_value, ", ", max_value, "] with span_length ", span_length);
 }

@@ -7,6 +7,9 @@ never ``torch.ops.epic_ext`` directly.
 
 from __future__ import annotations
 
+import math
+import operator
+
 import torch
 
 from . import _EXTENSION_ERROR
@@ -24,6 +27,37 @@ def _require_extension() -> None:
 def _check_tensor(value: object, name: str, op: str) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _check_int(value: object, name: str, op: str) -> int:
+    """value as a Python int: ints, NumPy integers and one-element integer tensors pass; bool, float (4.7, and
+    4.0 too), and anything outside int64 raise an error naming the argument instead of being truncated."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{op}: {name} must be an integer, got the bool {value!r}")
+    if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex() or value.numel() != 1):
+        raise TypeError(f"{op}: {name} must be an integer, got a {value.dtype} tensor of shape {tuple(value.shape)}")
+    try:
+        result = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an integer, got {type(value).__name__} {value!r}") from None
+    if not _INT64_MIN <= result <= _INT64_MAX:
+        raise ValueError(f"{op}: {name} must fit in int64, got {result}")
+    return result
+
+
+def _check_float(value: object, name: str, op: str) -> float:
+    """value as a Python float; bools, strings and non-numbers raise an error naming the argument."""
+    if isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a number, got the bool {value!r}")
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{op}: {name} must be a number, got the string {value!r}")
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__} {value!r}") from None
 
 
 def _check_same_device(op: str, first: tuple[str, torch.Tensor], *others: tuple[str, torch.Tensor | None]) -> None:
@@ -67,6 +101,20 @@ def temperature_kl(
 
     Returns:
         fp32 tensor: a scalar, or [N] for reduction="none".
+
+    Non-finite inputs (the reference, epic_ext.reference.temperature_kl, follows the same rules):
+        - a NaN anywhere in a used teacher row or in the student row gives kl_i = NaN (and a NaN gradient row);
+        - so does +inf in either row, and a teacher or student row that is entirely -inf (no distribution);
+        - teacher -inf entries have p = 0 and add nothing; a student -inf where the teacher entry is not -inf
+          gives kl_i = +inf (q = 0 < p);
+        - ignored rows (row_index -1) are 0 with a zero gradient whatever they hold.
+        A NaN row makes the "mean" and "sum" NaN, as in torch. temperature must be >= ~4.24e-39 (log2(e) / T must
+        be finite in fp32; smaller values raise), and scale / T must be finite in fp32. Each row's loss is fp32 (a
+        row beyond fp32's range is inf, and so is a reduction over it); "mean" and "sum" add the rows in fp64.
+
+    Double backward (torch.autograd.grad(..., create_graph=True), then a gradient of that gradient) is supported:
+    under create_graph the backward recomputes the gradient with differentiable torch ops in fp32 (one [N, V]
+    temporary), so Hessian-vector products are exact. Only the student is differentiated, never the teacher.
     """
     op = "temperature_kl"
     _check_tensor(student_logits, "student_logits", op)
@@ -77,10 +125,15 @@ def temperature_kl(
                        ("row_index", row_index))
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    temperature = float(temperature)
+    temperature = _check_float(temperature, "temperature", op)
     if not temperature > 0.0:
         raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
-    scale = temperature * temperature if scale is None else float(scale)
+    if scale is None:
+        scale = temperature * temperature
+        if not math.isfinite(scale):
+            raise ValueError(f"{op}: temperature {temperature} is too large: the default scale T**2 overflows")
+    else:
+        scale = _check_float(scale, "scale", op)
     _require_extension()
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     row_loss, _ = torch.ops.epic_ext.temperature_kl(
@@ -88,13 +141,38 @@ def temperature_kl(
     )
     if reduction == "none":
         return row_loss
-    total = row_loss.sum()
+    # Summed in fp64: N fp32 row losses can overflow fp32 in the sum where their mean does not (found by the
+    # fuzz suite: two rows of 3.2e38 gave a mean of inf).
+    total = row_loss.sum(dtype=torch.float64)
     if reduction == "sum":
-        return total
+        return total.float()
     if row_index is None:
-        return total / max(student_logits.shape[0], 1)
+        return (total / max(student_logits.shape[0], 1)).float()
     # Counted on the device: no host synchronisation.
-    return total / (row_index >= 0).sum().clamp(min=1)
+    return (total / (row_index >= 0).sum().clamp(min=1)).float()
+
+
+def _student_grad_differentiable(student: torch.Tensor, teacher: torch.Tensor, row_index: torch.Tensor | None,
+                                 temperature: float, scale: float, grad_rows: torch.Tensor) -> torch.Tensor:
+    """grad_rows[i] * scale / T * (softmax(student[i] / T) - softmax(teacher[r_i] / T)) with torch ops, fp32,
+    differentiable w.r.t. student and grad_rows; same non-finite rules as the kernels (NaN / +inf / all -inf rows
+    give NaN rows, ignored rows give exact zeros, also in every higher derivative)."""
+    s = student.float()
+    t = teacher.detach().float()
+    if row_index is None:
+        used = torch.ones(s.shape[0], 1, dtype=torch.bool, device=s.device)
+    else:
+        used = (row_index >= 0)[:, None]
+        t = t[row_index.clamp(min=0)]
+    # Ignored rows are replaced before any math, so that their contents cannot reach a derivative as 0 * NaN.
+    s = torch.where(used, s, torch.zeros((), dtype=s.dtype, device=s.device))
+    t = torch.where(used, t, torch.zeros((), dtype=t.dtype, device=t.device))
+    # Differences to the row max before dividing by T, as in the kernels (logit / T may overflow for tiny T);
+    # a row max of +inf, -inf or NaN makes the row NaN.
+    q = torch.softmax((s - s.detach().amax(dim=-1, keepdim=True)) / temperature, dim=-1)
+    p = torch.softmax((t - t.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
+    grad = (q - p) * (grad_rows[:, None] * (scale / temperature))
+    return torch.where(used, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)).to(student.dtype)
 
 
 def _register_temperature_kl() -> None:
@@ -110,10 +188,16 @@ def _register_temperature_kl() -> None:
         return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
     def setup_context(ctx, inputs, output):
-        _, _, _, _, _, compute_grad = inputs
+        student, teacher, row_index, temperature, scale, compute_grad = inputs
         _, grad = output
         ctx.compute_grad = compute_grad
-        ctx.save_for_backward(grad)
+        ctx.temperature = temperature
+        ctx.scale = scale
+        # The stored gradient is a constant of the forward, not a function of the student: marking it keeps a
+        # gradient from silently flowing (as zero) through it.
+        ctx.mark_non_differentiable(grad)
+        # The inputs are saved only for create_graph backward passes (references, no copies).
+        ctx.save_for_backward(grad, student, teacher, row_index)
 
     def backward(ctx, grad_row_loss, _grad_of_grad):
         if not ctx.compute_grad:
@@ -121,8 +205,14 @@ def _register_temperature_kl() -> None:
                 "temperature_kl: backward through a call made with compute_grad=False; call "
                 "epic_ext.ops.temperature_kl with a student that requires grad and grad mode enabled"
             )
-        (grad,) = ctx.saved_tensors
-        student_grad = torch.ops.epic_ext.temperature_kl_backward(grad, grad_row_loss.float())
+        grad, student, teacher, row_index = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the stored gradient is a constant, so its derivative w.r.t. the student would be
+            # lost (a gradient of this gradient would silently be 0). Recompute it with differentiable ops.
+            student_grad = _student_grad_differentiable(student, teacher, row_index, ctx.temperature, ctx.scale,
+                                                        grad_row_loss.float())
+        else:
+            student_grad = torch.ops.epic_ext.temperature_kl_backward(grad, grad_row_loss.float())
         return student_grad, None, None, None, None, None
 
     torch.library.register_autograd("epic_ext::temperature_kl", backward, setup_context=setup_context)
@@ -155,6 +245,11 @@ def attention_importance(
 
     Returns:
         [B, L] fp32. A row that sees no key is not counted; a sample without a counted row gets zeros.
+
+    NaN and inf propagate as in epic_ext.reference.attention_importance (torch.softmax semantics): a counted row
+    whose visible scores include a NaN or +inf (an fp32 score that overflows counts as inf), or are all -inf, has
+    a NaN softmax, and the mean carries it to every position of that sample; never zeros or plausible numbers.
+    Skipped rows, padded keys and keys after a row's position are not looked at. D must be > 0.
     """
     op = "attention_importance"
     _check_tensor(query, "query", op)
@@ -163,7 +258,7 @@ def attention_importance(
                        ("key_padding_mask", key_padding_mask))
     _require_extension()
     return torch.ops.epic_ext.attention_importance(
-        query, key, None if scale is None else float(scale), query_positions, key_padding_mask
+        query, key, None if scale is None else _check_float(scale, "scale", op), query_positions, key_padding_mask
     )
 
 
@@ -174,21 +269,25 @@ def select_tokens(
 
     Args:
         scores: [B, L] float (e.g. attention_importance's output).
-        span_start: int64 [B] (or one int for every sample): first position of each sample's span.
-        span_length: positions in every span.
-        keep: how many to keep, 0 <= keep <= span_length.
+        span_start: int64 [B] (or one int for every sample): first position of each sample's span; every span
+            must lie inside [0, L) (checked without overflow, so values near 2**63 are rejected too).
+        span_length: positions in every span (an integer: floats and bools are errors, never truncated).
+        keep: how many to keep, an integer with 0 <= keep <= span_length.
 
     Returns:
         int64 [B, keep] absolute positions in ascending order. Ties go to the lower position; NaN ranks lowest.
     """
     op = "select_tokens"
     _check_tensor(scores, "scores", op)
-    if isinstance(span_start, int):
-        span_start = torch.full((scores.shape[0],), span_start, dtype=torch.long, device=scores.device)
+    if not isinstance(span_start, torch.Tensor):
+        start = _check_int(span_start, "span_start", op)
+        span_start = torch.full((scores.shape[0],), start, dtype=torch.long, device=scores.device)
     _check_tensor(span_start, "span_start", op)
+    span_length = _check_int(span_length, "span_length", op)
+    keep = _check_int(keep, "keep", op)
     _check_same_device(op, ("scores", scores), ("span_start", span_start))
     _require_extension()
-    return torch.ops.epic_ext.select_tokens(scores, span_start, int(span_length), int(keep))
+    return torch.ops.epic_ext.select_tokens(scores, span_start, span_length, keep)
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -206,9 +305,10 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.T
     op = "gather_tokens"
     _check_tensor(x, "x", op)
     _check_tensor(index, "index", op)
+    dim = _check_int(dim, "dim", op)
     _check_same_device(op, ("x", x), ("index", index))
     _require_extension()
-    return torch.ops.epic_ext.gather_tokens(x, index, int(dim))
+    return torch.ops.epic_ext.gather_tokens(x, index, dim)
 
 
 def _register_token_ops() -> None:

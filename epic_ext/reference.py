@@ -30,22 +30,33 @@ def temperature_kl(
 
     Returns:
         Loss in ``compute_dtype`` (or the student's dtype): a scalar, or [N] for ``reduction="none"``.
+
+    Non-finite inputs, the rules the op follows too: a NaN or +inf in a used teacher row or in the student row, or
+    a row that is entirely -inf, gives NaN for that row; teacher -inf entries (p = 0) add nothing; a student -inf
+    where the teacher entry is not -inf gives +inf (q = 0 < p); ignored rows are 0 with a zero gradient.
     """
     dtype = compute_dtype or student_logits.dtype
-    student = student_logits.to(dtype) / temperature
-    teacher = teacher_logits.detach().to(dtype) / temperature
+    student = student_logits.to(dtype)
+    teacher = teacher_logits.detach().to(dtype)
     n_rows = student.shape[0]
     if row_index is None:
         valid = torch.ones(n_rows, dtype=torch.bool, device=student.device)
     else:
         valid = row_index >= 0
         teacher = teacher[row_index.clamp(min=0)]
+    zero = torch.zeros((), dtype=dtype, device=student.device)
+    # Ignored rows are zeroed before any math: whatever they hold (NaN included) cannot reach the loss or, as
+    # 0 * NaN, the gradient.
+    student = torch.where(valid[:, None], student, zero) / temperature
+    teacher = torch.where(valid[:, None], teacher, zero) / temperature
     log_q = torch.log_softmax(student, dim=-1)
-    log_p = torch.log_softmax(teacher, dim=-1)
+    log_p = torch.log_softmax(teacher, dim=-1)  # NaN everywhere in a row with NaN, +inf, or only -inf
     p = log_p.exp()
-    # p == 0 (teacher -inf) contributes 0; the where also keeps 0 * -inf from becoming NaN.
-    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
-    kl = torch.where(valid, terms.sum(dim=-1), torch.zeros((), dtype=dtype, device=student.device))
+    # Teacher -inf (log p = -inf): p = 0 adds 0 (never 0 * -inf). Student -inf under a teacher entry that is not
+    # -inf: +inf, also where p underflowed to 0. A NaN log p is neither, so NaN propagates.
+    terms = torch.where(log_q == float("-inf"), torch.full_like(p, float("inf")), p * (log_p - log_q))
+    terms = torch.where(log_p == float("-inf"), zero, terms)
+    kl = torch.where(valid, terms.sum(dim=-1), zero)
     scale = temperature**2 if scale is None else scale
     kl = kl * scale
     if reduction == "none":
@@ -69,7 +80,8 @@ def attention_importance(
     """Reference for :func:`epic_ext.ops.attention_importance`: the full [B, Hq, R, L] softmax, then means.
 
     Returns:
-        [B, L] in compute_dtype.
+        [B, L] in compute_dtype. A counted row with a NaN or +inf visible score, or only -inf ones, has a NaN
+        softmax (torch.softmax), which makes the whole sample NaN through the mean; the op does the same.
     """
     batch, q_heads, rows, head_dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
@@ -118,7 +130,9 @@ def select_tokens(scores: torch.Tensor, span_start: torch.Tensor, span_length: i
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Reference for :func:`epic_ext.ops.gather_tokens` with torch.gather on an expanded index (differentiable)."""
     dim = dim if dim >= 0 else dim + x.dim()
-    padded = torch.cat([x, torch.zeros_like(x.narrow(dim, 0, 1))], dim=dim)  # row L is the zero row
+    zero_shape = list(x.shape)
+    zero_shape[dim] = 1
+    padded = torch.cat([x, x.new_zeros(zero_shape)], dim=dim)  # row L is the zero row (also when L = 0)
     safe = torch.where(index >= 0, index, torch.full_like(index, x.shape[dim]))
     shape = [x.shape[0]] + [1] * (x.dim() - 1)
     shape[dim] = index.shape[1]

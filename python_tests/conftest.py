@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 import epic_ext
+
+# Property-based op tests (test_fuzz_*.py): `make test` runs the derandomized "ci" profile (fixed examples, bounded
+# count); `make fuzz` runs "fuzz" (random, many examples; failures are saved in .hypothesis/ and replayed first).
+_FUZZ_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.differing_executors]
+settings.register_profile("ci", derandomize=True, max_examples=250, deadline=None, database=None,
+                          print_blob=True, suppress_health_check=_FUZZ_HEALTH)
+settings.register_profile("fuzz", max_examples=2500, deadline=None, print_blob=True,
+                          suppress_health_check=_FUZZ_HEALTH)
+settings.load_profile(os.environ.get("EPIC_EXT_HYPOTHESIS_PROFILE", "ci"))
 
 HAS_CUDA = torch.cuda.is_available() and epic_ext.extension_available() and epic_ext.build_info()["cuda_built"]
 NO_CUDA_REASON = (

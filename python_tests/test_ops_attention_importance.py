@@ -138,3 +138,58 @@ def test_bad_arguments_name_the_argument(kwargs, match):
     query, key = args.pop("query"), args.pop("key")
     with pytest.raises((RuntimeError, ValueError, TypeError), match=match):
         ops.attention_importance(query, key, **args)
+
+
+# ------------------------------------------------------------------------------- issue 10: NaN / inf propagate --
+def _nan_case(kind: str, generator: torch.Generator):
+    """query [2, 4, 3, 8], key [2, 2, 10, 8] and a non-finite value placed as `kind` says (sample 0 only)."""
+    query = torch.randn(2, 4, 3, 8, generator=generator)
+    key = torch.randn(2, 2, 10, 8, generator=generator)
+    kwargs = {}
+    if kind == "nan query row":
+        query[0, 1, 2, 3] = float("nan")
+    elif kind == "nan key":
+        key[0, 1, 7, 0] = float("nan")
+    elif kind == "inf key":  # scores of +inf and -inf: the rows that see it are NaN in torch.softmax
+        key[0, 0, 4, 2] = float("inf")
+    elif kind == "inf query":
+        query[0, 3, 0, 5] = float("-inf")
+    elif kind == "only -inf scores":  # q . k = -inf for every key a row sees
+        query[0] = 1.0
+        key[0] = float("-inf")
+    elif kind == "nan in a skipped row":  # position -1: not counted, so no NaN
+        query[0, :, 1] = float("nan")
+        kwargs["query_positions"] = torch.tensor([[9, -1, 5], [9, 9, 9]])
+    elif kind == "nan in a padded key":  # masked key: probability 0, so no NaN
+        key[0, :, 2] = float("nan")
+        mask = torch.ones(2, 10, dtype=torch.bool)
+        mask[0, 2] = False
+        kwargs["key_padding_mask"] = mask
+    elif kind == "nan after the causal limit":  # no row sees key 8, so no NaN
+        key[0, :, 8] = float("nan")
+        kwargs["query_positions"] = torch.tensor([[7, 3, 5], [9, 9, 9]])
+    return query, key, kwargs
+
+
+NAN_CASES = ["nan query row", "nan key", "inf key", "inf query", "only -inf scores", "nan in a skipped row",
+             "nan in a padded key", "nan after the causal limit"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", NAN_CASES)
+def test_non_finite_inputs_propagate_like_the_reference(device, kind):
+    """One NaN in a query row used to give all-zero (or plausible) importance; now NaN where the reference is."""
+    query, key, kwargs = _nan_case(kind, torch.Generator().manual_seed(zlib.crc32(kind.encode())))
+    expected = reference.attention_importance(query, key, **kwargs)
+    kwargs = {name: value.to(device) for name, value in kwargs.items()}
+    got = ops.attention_importance(query.to(device), key.to(device), **kwargs).cpu()
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+    poisoned = kind not in ("nan in a skipped row", "nan in a padded key", "nan after the causal limit")
+    assert bool(torch.isnan(got[0]).all()) == poisoned  # the whole sample, never a part of it
+    assert torch.isfinite(got[1]).all()  # the other sample is untouched
+    torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-6, equal_nan=True)
+
+
+def test_head_dim_zero_is_rejected():
+    with pytest.raises(RuntimeError, match="head dim D > 0"):
+        ops.attention_importance(torch.randn(2, 4, 3, 0), torch.randn(2, 2, 10, 0))

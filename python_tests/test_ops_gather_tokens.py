@@ -111,3 +111,23 @@ def test_opcheck(device):
 def test_bad_arguments_name_the_argument(x_shape, index, dim, match):
     with pytest.raises((RuntimeError, ValueError), match=match):
         ops.gather_tokens(torch.randn(*x_shape), index, dim=dim)
+
+
+@pytest.mark.parametrize("dim, match", [(1.5, "dim must be an integer"), (True, "dim must be an integer, got the bool"),
+                                        (2**70, "dim must fit in int64")])
+def test_non_integer_dim_raises(dim, match):
+    """dim=1.5 used to be truncated to 1."""
+    with pytest.raises((TypeError, ValueError), match=match):
+        ops.gather_tokens(torch.randn(2, 5, 3), torch.zeros(2, 2, dtype=torch.long), dim=dim)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_gathered_dim_matches_reference(device):
+    """Found by the fuzz suite: the reference crashed when the gathered dim has length 0 (only -1 is valid)."""
+    x = torch.randn(2, 0, 3, device=device, requires_grad=True)
+    index = torch.full((2, 4), -1, device=device)
+    got = ops.gather_tokens(x, index, dim=1)
+    want = reference.gather_tokens(x, index, dim=1)
+    assert got.shape == want.shape == (2, 4, 3) and torch.all(got == 0) and torch.all(want == 0)
+    got.sum().backward()
+    assert x.grad.shape == (2, 0, 3)

@@ -82,3 +82,55 @@ def test_opcheck(device):
 def test_bad_arguments_name_the_argument(args, match):
     with pytest.raises((RuntimeError, ValueError), match=match):
         ops.select_tokens(*args)
+
+
+# ------------------------------------------------------------------------- issue 10: overflow and integer counts --
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("start", [2**63 - 1, 2**63 - 5, 2**62, 2**63 - 20])
+def test_span_start_near_int64_max_is_rejected(device, start):
+    """start + span_length once wrapped around to a negative number that passed the check (garbage positions)."""
+    scores = torch.randn(3, 20, device=device)
+    with pytest.raises(RuntimeError, match="span_start"):
+        ops.select_tokens(scores, torch.full((3,), start, device=device), 10, 4)
+    with pytest.raises(RuntimeError, match="span_start"):
+        ops.select_tokens(scores, torch.tensor([0, start, 3], device=device), 10, 4)
+    with pytest.raises(RuntimeError, match="span_start"):  # the C++ check, without the Python wrapper
+        torch.ops.epic_ext.select_tokens(scores, torch.full((3,), start, device=device), 10, 4)
+
+
+def test_span_start_int_outside_int64_names_the_argument():
+    with pytest.raises(ValueError, match="span_start must fit in int64"):
+        ops.select_tokens(torch.randn(3, 20), 2**64, 10, 4)
+
+
+@pytest.mark.parametrize(
+    "span_length, keep, match",
+    [
+        (10, 4.7, "keep must be an integer"),
+        (10, 4.0, "keep must be an integer"),
+        (10, True, "keep must be an integer, got the bool"),
+        (10, "4", "keep must be an integer"),
+        (10, torch.tensor(4.0), "keep must be an integer"),
+        (10, torch.tensor([1, 2]), "keep must be an integer"),
+        (10.5, 4, "span_length must be an integer"),
+        (False, 0, "span_length must be an integer, got the bool"),
+        (10, -1, "keep must be in"),
+        (10, 2**63, "keep must fit in int64"),
+        (-3, 0, "span_length must be in"),
+    ],
+)
+def test_non_integer_or_negative_counts_raise(span_length, keep, match):
+    """keep=4.7 used to be truncated to 4 silently."""
+    with pytest.raises((TypeError, ValueError, RuntimeError), match=match):
+        ops.select_tokens(torch.randn(3, 20), torch.zeros(3, dtype=torch.long), span_length, keep)
+
+
+def test_integer_like_counts_are_accepted():
+    import numpy as np
+
+    scores, start = torch.randn(3, 20), torch.tensor([0, 5, 10])
+    expected = reference.select_tokens(scores, start, 10, 4)
+    for span_length, keep in [(np.int64(10), np.int32(4)), (torch.tensor(10), torch.tensor(4))]:
+        assert torch.equal(ops.select_tokens(scores, start, span_length, keep), expected)
+    same_start = torch.full((3,), 3)
+    assert torch.equal(ops.select_tokens(scores, np.int64(3), 10, 4), reference.select_tokens(scores, same_start, 10, 4))

@@ -354,3 +354,182 @@ def test_tensors_on_different_devices():
         ops.temperature_kl(s, t)
     with pytest.raises(RuntimeError, match="row_index is on"):
         ops.temperature_kl(s, t.to(other), row_index=torch.tensor([0, 1]))
+
+
+# ------------------------------------------------------------------------------------ issue 10: double backward --
+def _hessian_vector(fn, student, teacher, direction, **kwargs):
+    """d/d student of <d loss / d student, direction>, through create_graph=True (what a gradient penalty does)."""
+    student = student.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(fn(student, teacher, **kwargs), student, create_graph=True)
+    (second,) = torch.autograd.grad((grad * direction.to(grad.dtype)).sum(), student)
+    return grad.detach(), second
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_double_backward_matches_reference(device, reduction):
+    """A gradient of the gradient used to be silently 0.0 (reference 0.0163)."""
+    g = torch.Generator().manual_seed(31)
+    student = make_logits(5, 37, torch.float32, device, g)
+    teacher = make_logits(4, 37, torch.bfloat16, device, g)
+    teacher[2, :9] = float("-inf")
+    row_index = torch.tensor([3, -1, 0, 2, 2], device=device)
+    direction = torch.randn(5, 37, generator=g, dtype=torch.float64).to(device)
+    kwargs = dict(temperature=1.7, row_index=row_index, reduction=reduction)
+    row_weights = torch.linspace(0.5, 2, 5, dtype=torch.float64, device=device)  # reduction="none": a weighted sum
+
+    def scalar_loss(kl_fn):
+        def loss(s, t, **kw):
+            value = kl_fn(s, t, **kw)
+            return value if reduction != "none" else (value * row_weights.to(value.dtype)).sum()
+        return loss
+
+    grad, second = _hessian_vector(scalar_loss(ops.temperature_kl), student, teacher, direction, **kwargs)
+    ref_grad, ref_second = _hessian_vector(scalar_loss(reference.temperature_kl), student.double(), teacher,
+                                           direction, **kwargs)
+    assert rel_err(grad, ref_grad) < FP32_TOL
+    assert ref_second.abs().max() > 1e-3  # the old silent answer (0) cannot pass
+    assert rel_err(second, ref_second) < 1e-4
+    assert torch.all(second[1] == 0)  # the ignored row
+
+
+@pytest.mark.filterwarnings("ignore:Input #. requires gradient and is not a double precision")
+def test_gradgradcheck():
+    """torch.autograd.gradgradcheck on the op (fp32: finite differences with a larger eps and tolerance), and the
+    same check on the fp64 reference it is compared with above."""
+    g = torch.Generator().manual_seed(32)
+    student = make_logits(3, 6, torch.float32, "cpu", g, spread=1.0).requires_grad_(True)
+    teacher = make_logits(3, 6, torch.float32, "cpu", g, spread=1.0)
+    row_index = torch.tensor([2, 0, -1])
+    fn = lambda s: ops.temperature_kl(s, teacher, temperature=1.5, row_index=row_index, reduction="sum")  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (student,), eps=1e-2, atol=2e-3, rtol=2e-2)
+    ref_fn = lambda s: reference.temperature_kl(s, teacher, temperature=1.5, row_index=row_index,  # noqa: E731
+                                                reduction="sum")
+    assert torch.autograd.gradgradcheck(ref_fn, (student.detach().double().requires_grad_(True),))
+
+
+def test_stored_gradient_output_is_not_differentiable():
+    """The op's second output is a constant of the forward: no gradient may silently flow (as 0) through it."""
+    student = torch.randn(2, 5, requires_grad=True)
+    _, grad = torch.ops.epic_ext.temperature_kl(student, torch.randn(2, 5), None, 1.0, 1.0, True)
+    assert not grad.requires_grad
+
+
+# ------------------------------------------------------------------------------- issue 10: tiny temperatures --
+@pytest.mark.parametrize("temperature", [1e-39, 4e-39, 1e-45])
+def test_temperature_too_small_to_compute_is_rejected(temperature):
+    """1e-39 used to pass the check and return NaN (reference 2.56e-39)."""
+    student, teacher = torch.randn(4, 7), torch.randn(4, 7)
+    with pytest.raises(RuntimeError, match="temperature must be a finite number > 0 and >= 4.2"):
+        ops.temperature_kl(student, teacher, temperature=temperature)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("temperature", [4.25e-39, 1e-38, 1e-30, 1e-20, 1e-3])
+@pytest.mark.parametrize("kernels", ["default", "generic"])
+def test_tiny_temperatures_are_computed(device, temperature, kernels, monkeypatch):
+    """Logits / T overflow fp32 here; the kernels only scale differences to the row max, so the result is right."""
+    if kernels == "generic":
+        if device != "cpu":
+            pytest.skip("EPIC_EXT_CPU_KERNELS selects CPU kernels only")
+        monkeypatch.setenv("EPIC_EXT_CPU_KERNELS", "generic")
+    g = torch.Generator().manual_seed(33)
+    student = make_logits(6, 37, torch.float32, device, g)
+    teacher = make_logits(6, 37, torch.float32, device, g)
+    loss, grad = run_kernel(student, teacher, temperature=temperature, reduction="none")
+    ref_loss, ref_grad = run_reference(student, teacher, temperature=temperature, reduction="none")
+    assert torch.isfinite(loss).all() and ref_loss.abs().max() > 0
+    assert rel_err(loss, ref_loss) < 1e-5
+    # scale / T = T: fp32 gradients near 1e-39 are subnormal, so compare them relative to T.
+    assert (grad.double().cpu() - ref_grad.cpu()).abs().max().item() <= 1e-5 * temperature
+
+
+def test_scale_over_temperature_must_fit_fp32():
+    with pytest.raises(RuntimeError, match="scale / temperature must be finite in fp32"):
+        ops.temperature_kl(torch.randn(2, 5), torch.randn(2, 5), temperature=1e-10, scale=1e30)
+    with pytest.raises(ValueError, match="temperature 1e\\+300 is too large"):
+        ops.temperature_kl(torch.randn(2, 5), torch.randn(2, 5), temperature=1e300)
+    with pytest.raises(TypeError, match="temperature must be a number, got the bool"):
+        ops.temperature_kl(torch.randn(2, 5), torch.randn(2, 5), temperature=True)
+
+
+# ------------------------------------------------------------------- issue 10: non-finite logits, op == reference --
+NEG_INF, POS_INF, NAN = float("-inf"), float("inf"), float("nan")
+# (what to place, the expected loss of row 1): rows 0 and 2 stay finite.
+SPECIAL_ROWS = {
+    "teacher row all -inf": ("teacher", slice(None), NEG_INF, "nan"),
+    "teacher NaN entry": ("teacher", 3, NAN, "nan"),
+    "teacher +inf entry": ("teacher", 3, POS_INF, "nan"),
+    "student NaN entry": ("student", 3, NAN, "nan"),
+    "student +inf entry": ("student", 3, POS_INF, "nan"),
+    "student row all -inf": ("student", slice(None), NEG_INF, "nan"),
+    "student -inf under a live teacher entry": ("student", 3, NEG_INF, "inf"),
+    "teacher -inf entries": ("teacher", slice(0, 20), NEG_INF, "finite"),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(SPECIAL_ROWS))
+@pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16])
+def test_non_finite_logits_op_and_reference_agree(device, case, student_dtype):
+    """An all -inf teacher row and a NaN teacher entry used to give NaN from the op but 0 from the reference."""
+    which, where, value, expected = SPECIAL_ROWS[case]
+    g = torch.Generator().manual_seed(zlib_seed(case))
+    student = make_logits(3, 41, student_dtype, device, g)
+    teacher = make_logits(3, 41, torch.float32, device, g)
+    (student if which == "student" else teacher)[1, where] = value
+    loss, grad = run_kernel(student, teacher, reduction="none")
+    ref_loss, ref_grad = run_reference(student, teacher, reduction="none")
+    kind = {"nan": torch.isnan, "inf": torch.isposinf, "finite": torch.isfinite}[expected]
+    assert kind(loss[1]) and kind(ref_loss[1]), (loss, ref_loss)
+    assert torch.isfinite(loss[[0, 2]]).all()
+    torch.testing.assert_close(loss.cpu(), ref_loss.float().cpu(), rtol=1e-4, atol=1e-5, equal_nan=True)
+    if expected == "nan":
+        assert torch.isnan(grad[1]).all() and torch.isnan(ref_grad[1]).all()
+    if expected != "inf":  # the gradient of an infinite loss is not compared
+        tol = 1e-5 if student_dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(grad.double().cpu(), ref_grad.double().cpu(), rtol=tol, atol=tol, equal_nan=True)
+    # Reductions: a NaN row makes mean and sum NaN; an infinite row makes them +inf.
+    total = ops.temperature_kl(student, teacher, reduction="sum")
+    ref_total = reference.temperature_kl(student, teacher, reduction="sum")
+    assert torch.isnan(total) == torch.isnan(ref_total) and torch.isinf(total) == torch.isinf(ref_total)
+
+
+def zlib_seed(text: str) -> int:
+    import zlib
+
+    return zlib.crc32(text.encode())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ignored_rows_are_zero_whatever_they_hold(device):
+    """row_index -1: zero loss and an exactly zero gradient, in the op and the reference, even for NaN rows."""
+    student = torch.randn(3, 9, device=device)
+    teacher = torch.randn(2, 9, device=device)
+    student[1] = float("nan")
+    teacher[0] = float("nan")  # only row 1 would read it, and row 1 is ignored
+    row_index = torch.tensor([1, -1, 1], device=device)
+    for runner in (run_kernel, run_reference):
+        loss, grad = runner(student, teacher, reduction="none", row_index=row_index)
+        assert loss[1] == 0 and torch.all(grad[1] == 0) and torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
+def test_student_minus_inf_where_teacher_probability_underflows():
+    """q = 0 < p is +inf even where p underflows fp32 (and fp64): the old kernel formed 0 * inf = NaN."""
+    student = torch.tensor([[0.0, 1.0, float("-inf"), 0.5]])
+    teacher = torch.tensor([[0.0, 1.0, -3000.0, 0.5]])
+    assert torch.isposinf(ops.temperature_kl(student, teacher, reduction="none")).all()
+    assert torch.isposinf(reference.temperature_kl(student, teacher, reduction="none")).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mean_of_rows_near_fp32_max_does_not_overflow(device):
+    """Found by the fuzz suite: two rows of ~2.4e38 have a mean that fits fp32, but their fp32 sum was inf."""
+    student = torch.tensor([[0.0, -1.0], [0.0, -1.0]], device=device)
+    teacher = torch.tensor([[-1.0, 0.0], [-1.0, 0.0]], device=device)
+    kwargs = dict(temperature=4.25e-39, scale=1.0)
+    loss = ops.temperature_kl(student, teacher, **kwargs)
+    ref = reference.temperature_kl(student, teacher, **kwargs)
+    assert 1e38 < ref.item() < 3.4e38 and torch.isfinite(loss)
+    torch.testing.assert_close(loss.double().cpu(), ref.cpu(), rtol=1e-5, atol=0)
+    assert torch.isinf(ops.temperature_kl(student, teacher, reduction="sum", **kwargs))  # the sum does not fit

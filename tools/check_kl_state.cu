@@ -6,7 +6,8 @@
 // merges them (xor butterflies within warps of 32, then over the warps), or in a random tree. The KL and the
 // gradient are compared with a direct double-precision computation (softmax, then sum p (log p - log q)).
 // Rows include -inf teacher entries, threads whose elements are all -inf, fully masked rows (NaN expected),
-// student -inf under a live teacher entry (+inf expected), identical rows, huge logits and V = 1.
+// student -inf under a live teacher entry (+inf expected, also where p underflows), identical rows, huge logits
+// and V = 1.
 //
 //   nvcc -std=c++20 -O2 -Icsrc/cuda -x cu tools/check_kl_state.cu -o /tmp/check_kl_state && /tmp/check_kl_state
 //
@@ -57,7 +58,8 @@ Reference reference(const std::vector<float>& student, const std::vector<float>&
     const double log_q = student[v] / temperature - lse_s;
     const double p = std::exp(log_p);
     const double q = std::exp(log_q);
-    if (teacher[v] != -kInf) ref.kl += p * (log_p - log_q);
+    // p = 0 adds nothing; q = 0 under a teacher entry that is not -inf is +inf even where p underflowed.
+    if (teacher[v] != -kInf) ref.kl += student[v] == -kInf ? kInf : p * (log_p - log_q);
     ref.grad[v] = scale / temperature * (q - p);
     ref.max_prob = std::max({ref.max_prob, p, q});
   }
@@ -326,6 +328,17 @@ int main() {
     std::vector<float> hole = student;
     hole[vocab / 3] = neg_inf;
     check_row(hole, teacher, 1.0, 1.0, rng, float_stats, double_stats, "student -inf, teacher live");
+    // The same where p underflows (fp32 and fp64): still +inf, never 0 * inf = NaN nor a finite value.
+    std::vector<float> low = teacher;
+    low[vocab / 3] = -3000.0f;
+    check_row(hole, low, 1.0, 1.0, rng, float_stats, double_stats, "student -inf, teacher p underflows");
+    // Student -inf first, then a larger teacher max arrives (rescale factor 0): still +inf.
+    std::vector<float> first_hole = student;
+    first_hole[0] = neg_inf;
+    std::vector<float> rising = teacher;
+    rising[0] = -200.0f;
+    rising[vocab - 1] = 200.0f;
+    check_row(first_hole, rising, 1.0, 1.0, rng, float_stats, double_stats, "student -inf, then a new teacher max");
   }
 
   std::printf("float  path: %d row checks, max |loss err| %.3e, max loss err / (scale * max(1,|KL|)) %.3e (plain fp32 "

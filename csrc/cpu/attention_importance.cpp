@@ -8,6 +8,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -66,17 +67,30 @@ at::Tensor attention_importance_cpu(const at::Tensor& query_in,  // [B, Hq, R, D
           if (row_pos < 0) continue;
           const float* srow = s + (g * R + r) * L;
           const int64_t last = row_pos;  // keys after the row's position are masked
+          // Validity comes from positions and mask alone (as on CUDA), never from the scores.
+          bool sees_key = false, has_nan = false;
           double row_max = -std::numeric_limits<double>::infinity();
-          for (int64_t j = 0; j <= last; ++j)
-            if (!real || real[b * L + j]) row_max = std::max(row_max, scale * srow[j]);
-          if (row_max == -std::numeric_limits<double>::infinity()) continue;  // sees no key: not a valid row
+          for (int64_t j = 0; j <= last; ++j) {
+            if (real && !real[b * L + j]) continue;
+            const double x = scale * srow[j];
+            sees_key = true;
+            has_nan |= std::isnan(x);
+            row_max = std::fmax(row_max, x);
+          }
+          if (!sees_key) continue;  // not a valid row
+          if (g == 0) ++rows_seen;
+          // A NaN or +inf score, or only -inf scores, make the row's softmax NaN (as torch.softmax does); the NaN
+          // reaches every position of the sample through the mean, as in the reference.
+          if (has_nan || !std::isfinite(row_max)) {
+            std::fill(acc, acc + L, std::numeric_limits<float>::quiet_NaN());
+            continue;
+          }
           double denom = 0.0;
           for (int64_t j = 0; j <= last; ++j)
             if (!real || real[b * L + j]) denom += std::exp(scale * srow[j] - row_max);
           const double inv = 1.0 / denom;
           for (int64_t j = 0; j <= last; ++j)
             if (!real || real[b * L + j]) acc[j] += static_cast<float>(std::exp(scale * srow[j] - row_max) * inv);
-          if (g == 0) ++rows_seen;
         }
       }
       if (hk == 0) valid_rows[static_cast<size_t>(b)] = rows_seen;  // identical for every kv head

@@ -10,8 +10,9 @@ enum class Dtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // One row of temperature_kl.
 //   student, teacher: V logits each, contiguous, in their own dtypes.
-//   Returns KL(softmax(teacher * inv_temp) || softmax(student * inv_temp)) in nats (NaN when either row holds a
-//   NaN or has no finite entry). If grad != nullptr, writes grad_coef * (q - p) in the student's dtype.
+//   Returns KL(softmax(teacher * inv_temp) || softmax(student * inv_temp)) in nats: NaN when either row holds a
+//   NaN or +inf or has no finite entry; +inf when the student is -inf where the teacher is not.
+//   If grad != nullptr, writes grad_coef * (q - p) in the student's dtype.
 //   work: 2 * V floats of scratch owned by the calling thread.
 using KlRowFn = double (*)(const void* student, Dtype student_dtype, const void* teacher, Dtype teacher_dtype,
                            int64_t V, float inv_temp, void* grad, float grad_coef, float* work);
@@ -27,6 +28,18 @@ double kl_row_avx2(const void* student, Dtype student_dtype, const void* teacher
                    float inv_temp, void* grad, float grad_coef, float* work);
 void scale_row_avx2(const void* in, void* out, Dtype dtype, int64_t V, float factor);
 #endif
+
+// One element's share of sum_v exp(dt_v) ((t_v - max_t) - (s_v - max_s)), where dt = (t - max_t) / T and et =
+// exp(dt); the caller multiplies the sum by 1 / T once, so a tiny T cannot overflow the terms. A teacher -inf has
+// p = 0 and adds nothing; a student -inf under a teacher entry that is not -inf has q = 0 < p, so the KL is +inf
+// (even where p underflowed in fp32: it is not 0). A term whose exp underflowed adds nothing.
+inline double kl_cross_term(float t, float s, float et, float max_t, float max_s) {
+  constexpr float kNegInf = -__builtin_inff();
+  if (t == kNegInf) return 0.0;
+  if (s == kNegInf) return __builtin_inf();
+  if (et == 0.0f) return 0.0;
+  return static_cast<double>(et) * ((t - max_t) - (s - max_s));
+}
 
 // Scalar conversions shared by both variants (bf16 and fp16 are stored as raw 16-bit patterns).
 inline float bf16_to_float(uint16_t h) {

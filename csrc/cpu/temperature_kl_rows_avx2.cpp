@@ -95,9 +95,10 @@ double kl_row_impl(const void* student, const void* teacher, int64_t V, float in
   const __m256 scale = _mm256_set1_ps(inv_temp);
   __m256 max_t8 = _mm256_set1_ps(kNegInf), max_s8 = max_t8;
   __m256 nan8 = _mm256_setzero_ps();
+  // Raw logits first: only differences to the row max are scaled by 1 / T (logit / T may overflow for tiny T).
   for (int64_t v = 0; v < V8; v += 8) {
-    const __m256 tv = _mm256_mul_ps(load8<TD>(teacher, v), scale);
-    const __m256 sv = _mm256_mul_ps(load8<SD>(student, v), scale);
+    const __m256 tv = load8<TD>(teacher, v);
+    const __m256 sv = load8<SD>(student, v);
     nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(tv, sv, _CMP_UNORD_Q));
     max_t8 = _mm256_max_ps(max_t8, tv);
     max_s8 = _mm256_max_ps(max_s8, sv);
@@ -107,8 +108,8 @@ double kl_row_impl(const void* student, const void* teacher, int64_t V, float in
   float max_t = hmax(max_t8), max_s = hmax(max_s8);
   bool has_nan = _mm256_movemask_ps(nan8) != 0;
   for (int64_t v = V8; v < V; ++v) {
-    t[v] = load_as_float(teacher, teacher_dtype, v) * inv_temp;
-    s[v] = load_as_float(student, student_dtype, v) * inv_temp;
+    t[v] = load_as_float(teacher, teacher_dtype, v);
+    s[v] = load_as_float(student, student_dtype, v);
     has_nan |= std::isnan(t[v]) || std::isnan(s[v]);
     max_t = std::fmax(max_t, t[v]);
     max_s = std::fmax(max_s, s[v]);
@@ -125,19 +126,26 @@ double kl_row_impl(const void* student, const void* teacher, int64_t V, float in
   const __m256 neg_inf = _mm256_set1_ps(kNegInf);
   const bool keep_exps = grad != nullptr;
   double sum_t = 0.0, sum_s = 0.0, cross = 0.0;
+  __m256 infinite8 = _mm256_setzero_ps();
   for (int64_t block = 0; block < V8; block += 4096) {
     const int64_t block_end = block + 4096 < V8 ? block + 4096 : V8;
     __m256 zt = _mm256_setzero_ps(), zs = _mm256_setzero_ps(), ac = _mm256_setzero_ps();
     for (int64_t v = block; v < block_end; v += 8) {
       const __m256 tv = _mm256_loadu_ps(t + v);
       const __m256 sv = _mm256_loadu_ps(s + v);
-      const __m256 et = exp_nonpositive(_mm256_sub_ps(tv, max_t_v));
-      const __m256 es = exp_nonpositive(_mm256_sub_ps(sv, max_s_v));
+      const __m256 t_gap = _mm256_sub_ps(tv, max_t_v);
+      const __m256 s_gap = _mm256_sub_ps(sv, max_s_v);
+      const __m256 et = exp_nonpositive(_mm256_mul_ps(t_gap, scale));
+      const __m256 es = exp_nonpositive(_mm256_mul_ps(s_gap, scale));
       zt = _mm256_add_ps(zt, et);
       zs = _mm256_add_ps(zs, es);
-      // p = 0 where the teacher is -inf: skip the term instead of forming 0 * inf.
-      const __m256 finite_t = _mm256_cmp_ps(tv, neg_inf, _CMP_NEQ_OQ);
-      ac = _mm256_add_ps(ac, _mm256_and_ps(finite_t, _mm256_mul_ps(et, _mm256_sub_ps(tv, sv))));
+      // kl_cross_term, 8 lanes: the term only where exp(dt) > 0 (p = 0 where the teacher is -inf, and never
+      // 0 * inf); +inf (infinite8) where the student is -inf under a teacher entry that is not.
+      const __m256 counted = _mm256_cmp_ps(et, _mm256_setzero_ps(), _CMP_GT_OQ);
+      ac = _mm256_add_ps(ac, _mm256_and_ps(counted, _mm256_mul_ps(et, _mm256_sub_ps(t_gap, s_gap))));
+      const __m256 q_zero =
+          _mm256_and_ps(_mm256_cmp_ps(sv, neg_inf, _CMP_EQ_OQ), _mm256_cmp_ps(tv, neg_inf, _CMP_NEQ_OQ));
+      infinite8 = _mm256_or_ps(infinite8, q_zero);
       if (keep_exps) {
         _mm256_storeu_ps(t + v, et);
         _mm256_storeu_ps(s + v, es);
@@ -147,12 +155,13 @@ double kl_row_impl(const void* student, const void* teacher, int64_t V, float in
     sum_s += hsum(zs);
     cross += hsum(ac);
   }
+  if (_mm256_movemask_ps(infinite8) != 0) cross = std::numeric_limits<double>::infinity();
   for (int64_t v = V8; v < V; ++v) {
-    const float et = std::exp(t[v] - max_t);
-    const float es = std::exp(s[v] - max_s);
+    const float et = std::exp((t[v] - max_t) * inv_temp);
+    const float es = std::exp((s[v] - max_s) * inv_temp);
     sum_t += et;
     sum_s += es;
-    if (t[v] != kNegInf) cross += static_cast<double>(et) * (t[v] - s[v]);
+    cross += kl_cross_term(t[v], s[v], et, max_t, max_s);
     t[v] = et;
     s[v] = es;
   }
@@ -167,7 +176,7 @@ double kl_row_impl(const void* student, const void* teacher, int64_t V, float in
     }
     for (int64_t v = V8; v < V; ++v) store_from_float(grad, student_dtype, v, coef_q * s[v] - coef_p * t[v]);
   }
-  return cross / sum_t - (max_t + std::log(sum_t)) + (max_s + std::log(sum_s));
+  return cross * inv_temp / sum_t - std::log(sum_t) + std::log(sum_s);
 }
 
 template <Dtype D>

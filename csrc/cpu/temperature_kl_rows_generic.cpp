@@ -9,14 +9,15 @@ namespace epic_ext::rows {
 
 double kl_row_generic(const void* student, Dtype student_dtype, const void* teacher, Dtype teacher_dtype,
                       int64_t V, float inv_temp, void* grad, float grad_coef, float* work) {
-  float* t = work;      // teacher / T, then exp(t - max_t)
-  float* s = work + V;  // student / T, then exp(s - max_s)
-  float max_t = -std::numeric_limits<float>::infinity();
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  float* t = work;      // raw teacher logits, then exp((t - max_t) / T)
+  float* s = work + V;  // raw student logits, then exp((s - max_s) / T)
+  float max_t = kNegInf;
   float max_s = max_t;
   bool has_nan = false;
   for (int64_t v = 0; v < V; ++v) {
-    t[v] = load_as_float(teacher, teacher_dtype, v) * inv_temp;
-    s[v] = load_as_float(student, student_dtype, v) * inv_temp;
+    t[v] = load_as_float(teacher, teacher_dtype, v);
+    s[v] = load_as_float(student, student_dtype, v);
     has_nan |= std::isnan(t[v]) || std::isnan(s[v]);
     max_t = std::fmax(max_t, t[v]);
     max_s = std::fmax(max_s, s[v]);
@@ -28,13 +29,14 @@ double kl_row_generic(const void* student, Dtype student_dtype, const void* teac
       for (int64_t v = 0; v < V; ++v) store_from_float(grad, student_dtype, v, static_cast<float>(nan));
     return nan;
   }
-  double sum_t = 0.0, sum_s = 0.0, cross = 0.0;  // Zt, Zs, sum exp(t - max_t) * (t - s)
+  // Only differences to the row max are scaled by 1 / T: logit / T itself may overflow fp32 for tiny T.
+  double sum_t = 0.0, sum_s = 0.0, cross = 0.0;  // Zt, Zs, sum exp(dt) * (dt - ds) * T
   for (int64_t v = 0; v < V; ++v) {
-    const float et = std::exp(t[v] - max_t);
-    const float es = std::exp(s[v] - max_s);
+    const float et = std::exp((t[v] - max_t) * inv_temp);
+    const float es = std::exp((s[v] - max_s) * inv_temp);
     sum_t += et;
     sum_s += es;
-    if (t[v] != -std::numeric_limits<float>::infinity()) cross += static_cast<double>(et) * (t[v] - s[v]);
+    cross += kl_cross_term(t[v], s[v], et, max_t, max_s);
     t[v] = et;
     s[v] = es;
   }
@@ -43,7 +45,7 @@ double kl_row_generic(const void* student, Dtype student_dtype, const void* teac
     const float coef_p = static_cast<float>(grad_coef / sum_t);
     for (int64_t v = 0; v < V; ++v) store_from_float(grad, student_dtype, v, coef_q * s[v] - coef_p * t[v]);
   }
-  return cross / sum_t - (max_t + std::log(sum_t)) + (max_s + std::log(sum_s));
+  return cross * inv_temp / sum_t - std::log(sum_t) + std::log(sum_s);
 }
 
 void scale_row_generic(const void* in, void* out, Dtype dtype, int64_t V, float factor) {

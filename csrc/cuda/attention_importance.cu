@@ -343,7 +343,9 @@ __device__ __forceinline__ int block_reduce_int(int v, bool take_min, int* scrat
 // that is not valid, and count[b] = number of valid (h, r) rows. A row is valid when its position is not -1 and
 // some real key lies at or before it, i.e. when the first real key of the sample is <= its limit; this is decided
 // from positions and mask alone, never from the scores (the CPU kernel's "row max is not -inf" is the same test
-// for finite inputs). For valid rows 1 / sum is > 0, +inf or NaN, never 0.
+// for finite inputs). For valid rows 1 / sum is > 0, +inf or NaN, never 0. A valid row whose 1 / sum is not finite
+// (a NaN or +inf score: NaN sum; only -inf scores: sum 0) has a NaN softmax, as in torch.softmax; as in the
+// reference, that NaN reaches every position of the sample through the mean, so count[b] becomes NaN.
 __global__ void __launch_bounds__(kThreads)
     attention_combine_kernel(const AttnParams p, const float2* __restrict__ partial,  // [B, Hq, R, splits]
                              int splits,
@@ -364,6 +366,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const int rows_b = p.hq * p.rows;
   int valid_rows = 0;
+  int nan_rows = 0;
   for (int row = threadIdx.x; row < rows_b; row += kThreads) {
     const int r = row % p.rows;
     const int limit = p.positions != nullptr ? static_cast<int>(p.positions[b * p.pos_sb + r * p.pos_sr])
@@ -376,11 +379,13 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < splits; ++i) state_merge(m, s, part[i].x, part[i].y);
       st = make_float2(m, 1.0f / s);
       ++valid_rows;
+      nan_rows += isfinite(st.y) ? 0 : 1;
     }
     stats[static_cast<int64_t>(b) * rows_b + row] = st;
   }
   valid_rows = block_reduce_int(valid_rows, /*take_min=*/false, scratch);
-  if (threadIdx.x == 0) count[b] = static_cast<float>(valid_rows);
+  nan_rows = block_reduce_int(nan_rows, /*take_min=*/false, scratch);
+  if (threadIdx.x == 0) count[b] = nan_rows > 0 ? __int_as_float(0x7fc00000) : static_cast<float>(valid_rows);
 }
 
 // Pass 2. Grid (B * num_tiles, splits): block (b, tile, split) adds up, for each key of the tile, the probabilities
@@ -464,14 +469,15 @@ __global__ void __launch_bounds__(kThreads)
     if (jj < p.length) {
       if (normalise) {
         const float n = count[b];
-        sum = n > 0.0f ? sum / n : 0.0f;
+        sum = n != 0.0f ? sum / n : 0.0f;  // n NaN: NaN (a NaN row), n 0: no valid row
       }
       dst[(static_cast<int64_t>(b) * splits + split) * p.length + jj] = sum;
     }
   }
 }
 
-// out[b, j] = sum over splits of partial[b, split, j], divided by count[b] (0 when no row is valid).
+// out[b, j] = sum over splits of partial[b, split, j], divided by count[b] (0 when no row is valid, NaN when
+// count[b] is NaN).
 __global__ void __launch_bounds__(kThreads)
     attention_finalize_kernel(const float* __restrict__ partial,  // [B, splits, L]
                               int splits, int64_t batch, int length,
@@ -485,7 +491,7 @@ __global__ void __launch_bounds__(kThreads)
     float sum = 0.0f;
     for (int s = 0; s < splits; ++s) sum += partial[(b * splits + s) * length + j];
     const float n = count[b];
-    out[e] = n > 0.0f ? sum / n : 0.0f;
+    out[e] = n != 0.0f ? sum / n : 0.0f;  // n NaN: NaN (a NaN row), n 0: no valid row
   }
 }
 
@@ -600,7 +606,10 @@ at::Tensor attention_importance_cuda(const at::Tensor& query,                   
   const int64_t length = key.size(2);
   TORCH_CHECK(dim <= kMaxHeadDim, OP_NAME, ": head dim D must be <= ", kMaxHeadDim, " on CUDA, got ", dim);
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(length < kIntMax && hq * rows < kIntMax && batch * hkv < kIntMax, OP_NAME,
+  // Products as divisions: with an empty dimension elsewhere, sizes may be huge and a product could overflow.
+  TORCH_CHECK(length < kIntMax && hq < kIntMax / std::max<int64_t>(rows, 1) &&
+                  batch < kIntMax / std::max<int64_t>(hkv, 1),
+              OP_NAME,
               ": sizes too large for the CUDA kernels (L, Hq * R and B * Hkv must be < 2^31), got query ",
               query.sizes(), " and key ", key.sizes());
   c10::cuda::CUDAGuard device_guard(query.device());
@@ -674,7 +683,7 @@ at::Tensor attention_importance_cuda(const at::Tensor& query,                   
   p.key_groups = key_groups;
   p.tile_keys = 32 * key_groups;
   p.chunk_rows = kRowsPerThread * kWarps / key_groups;
-  TORCH_CHECK(batch * ceil_div(length, p.tile_keys) < kIntMax, OP_NAME, ": B * L too large for the CUDA kernels");
+  TORCH_CHECK(batch < kIntMax / ceil_div(length, p.tile_keys), OP_NAME, ": B * L too large for the CUDA kernels");
 
   dispatch_attention_dtype(q.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;

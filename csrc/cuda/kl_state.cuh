@@ -19,7 +19,9 @@
 // the KL in fp32. With it, cross holds only the spread of t - s around a typical value.
 //
 // -inf handling: a teacher entry of -inf has p = 0 and is skipped (never 2^-inf * (-inf - s) = NaN); a student
-// entry of -inf adds nothing to student_sum. A state whose max is still -inf has sum 0 and cross 0, and merging
+// entry of -inf adds nothing to student_sum. A student -inf under a teacher entry that is not -inf means q = 0 < p:
+// the KL is +inf. That is recorded in `infinite` (0 or +inf) instead of cross, where an inf would turn into NaN
+// as soon as a rescale factor underflows to 0 (inf * 0), and where p itself may have underflowed in fp32. A state whose max is still -inf has sum 0 and cross 0, and merging
 // two such states must not compute (-inf) - (-inf). NaN inputs propagate to the result (through the sums; a max is
 // never NaN, it only takes a value v with v - max > 0).
 #pragma once
@@ -67,12 +69,13 @@ struct KlState {
   Acc student_max;
   Acc student_sum;
   Acc cross;
-  Acc shift;  // always finite
+  Acc shift;     // always finite
+  Acc infinite;  // +inf once a student -inf met a teacher entry that is not -inf, else 0
 };
 
 template <typename Acc>
 EPIC_KL_HD KlState<Acc> kl_state_empty() {
-  return KlState<Acc>{kl_neg_inf<Acc>(), Acc(0), kl_neg_inf<Acc>(), Acc(0), Acc(0), Acc(0)};
+  return KlState<Acc>{kl_neg_inf<Acc>(), Acc(0), kl_neg_inf<Acc>(), Acc(0), Acc(0), Acc(0), Acc(0)};
 }
 
 // One (teacher, student) pair of raw logits; k = log2(e) / T > 0. One exp2 per distribution: when the value is a
@@ -91,10 +94,14 @@ EPIC_KL_HD void kl_state_add(KlState<Acc>& st, Acc teacher, Acc student, Acc k) 
     const bool is_new_max = gap > zero;
     const Acc e_raw = kl_exp2(-kl_abs(gap * k));  // computed unconditionally: selecting is cheaper than predicating
     const Acc e = present ? e_raw : zero;
-    const Acc diff = present ? teacher - student : zero;
+    // Student -inf under a present teacher entry: `infinite` takes it, and diff stays finite (0) so that cross
+    // never holds an inf. (|diff| is also inf for a teacher +inf, which must reach cross to make the row NaN.)
+    const bool q_zero = student == kl_neg_inf<Acc>();
+    const Acc diff_raw = present ? teacher - student : zero;
+    const Acc diff = q_zero ? zero : diff_raw;
+    st.infinite = present && q_zero ? static_cast<Acc>(INFINITY) : st.infinite;
     // teacher_sum == 0 only until the first present entry (afterwards the max's own term keeps it >= 1): cross is
-    // still 0 then, so the shift can be chosen freely. |diff| = inf (student -inf under a present teacher entry)
-    // must not become the shift: cross takes the inf instead.
+    // still 0 then, so the shift can be chosen freely. |diff| = inf (teacher +inf) must not become the shift.
     // (Two selects rather than one `&&` condition: the short-circuit compiled to a branch per element.)
     const Acc shift_candidate = kl_abs(diff) < static_cast<Acc>(INFINITY) ? diff : zero;
     st.shift = st.teacher_sum == zero ? shift_candidate : st.shift;
@@ -141,6 +148,7 @@ EPIC_KL_HD KlState<Acc> kl_state_merge(KlState<Acc> a, const KlState<Acc>& b, Ac
   a.cross = kl_fma(a.shift - shift, a.teacher_sum, a.cross);
   const Acc cross_b = kl_fma(b.shift - shift, b.teacher_sum, b.cross);
   a.shift = shift;
+  a.infinite += b.infinite;  // 0 or +inf each
   kl_merge_softmax(a.teacher_max, a.teacher_sum, a.cross, b.teacher_max, b.teacher_sum, cross_b, k);
   Acc unused_cross = Acc(0);
   kl_merge_softmax(a.student_max, a.student_sum, unused_cross, b.student_max, b.student_sum, Acc(0), k);
@@ -158,8 +166,9 @@ EPIC_KL_HD double kl_state_finish(const KlState<Acc>& st, Acc k) {
   // shift and the max gap are both O(logit) and nearly cancel when the student is a shifted teacher.
   const double offset = static_cast<double>(st.shift) -
                         (static_cast<double>(st.teacher_max) - static_cast<double>(st.student_max));
+  // + infinite: a NaN row stays NaN (NaN + inf), any other row with q = 0 < p somewhere becomes +inf.
   return kLn2 * static_cast<double>(k) * (static_cast<double>(st.cross) / teacher_sum + offset) -
-         ::log(teacher_sum) + ::log(student_sum);
+         ::log(teacher_sum) + ::log(student_sum) + static_cast<double>(st.infinite);
 }
 
 // What the gradient sweep needs from a finished row:

@@ -136,6 +136,7 @@ __device__ __forceinline__ kl::KlState<float> warp_merge(kl::KlState<float> st, 
     other.student_sum = __shfl_xor_sync(0xffffffffu, st.student_sum, offset);
     other.cross = __shfl_xor_sync(0xffffffffu, st.cross, offset);
     other.shift = __shfl_xor_sync(0xffffffffu, st.shift, offset);
+    other.infinite = __shfl_xor_sync(0xffffffffu, st.infinite, offset);
     st = kl::kl_state_merge(st, other, log2e_over_t);
   }
   return st;
