@@ -60,13 +60,6 @@
 #endif
 
 namespace cuda_emu {
-
-// Thrown by a launch that the emulator found faulty.
-class Error : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
 namespace detail {
 
 thread_local const ThreadCtx* tls_thread = nullptr;
@@ -996,6 +989,10 @@ cudaError_t cudaGetDeviceCount(int* count) {
   return cudaSuccess;
 }
 
+// For the test harness (ctypes): kernels launched, and every error reported, since the library was loaded.
+__attribute__((visibility("default"))) unsigned long long cuda_emu_launch_count(void) {
+  return cuda_emu::detail::g_launches.load();
+}
 // For the test harness (ctypes): every error reported since the library was loaded.
 __attribute__((visibility("default"))) int cuda_emu_error_count(void) {
   std::lock_guard<std::mutex> lock(cuda_emu::detail::g_log_mutex);

@@ -32,6 +32,13 @@ def load(path: str | pathlib.Path) -> None:
         _library.cuda_emu_error.restype = ctypes.c_char_p
         _library.cuda_emu_error.argtypes = [ctypes.c_int]
         _library.cuda_emu_error_count.restype = ctypes.c_int
+        _library.cuda_emu_launch_count.restype = ctypes.c_ulonglong
+
+
+def launch_count() -> int:
+    """Kernels the emulator has run since it was loaded."""
+    assert _library is not None, "cuda_emu not loaded"
+    return _library.cuda_emu_launch_count()
 
 
 def error_count() -> int:

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <source_location>
+#include <stdexcept>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -35,6 +36,12 @@
 namespace cuda_emu {
 
 using Site = std::source_location;
+
+// Thrown by a launch in which the emulator found an error (it is also kept in the log that the tests read).
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
 
 namespace detail {
 
