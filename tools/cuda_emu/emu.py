@@ -69,7 +69,7 @@ CI_RUNS = [("release", "132sm-forward"), ("release", "1sm-reverse"), ("release",
            ("asan", "4sm-random-asan")]
 OP_TESTS = ["python_tests/test_ops_temperature_kl.py", "python_tests/test_ops_attention_importance.py",
             "python_tests/test_ops_select_tokens.py", "python_tests/test_ops_gather_tokens.py",
-            "python_tests/test_cuda_emu.py"]
+            "python_tests/test_ops_alignment.py", "python_tests/test_cuda_emu.py"]
 
 
 class BuildError(RuntimeError):
@@ -144,16 +144,13 @@ def rewrite(text: str, display_path: str) -> str:
     return f'#line 1 "{display_path}"\n' + "".join(out)
 
 
-def rewrite_tree(src: pathlib.Path, dst: pathlib.Path, display_root: pathlib.Path) -> list[pathlib.Path]:
-    """Rewrites every .cu / .cuh of src into dst; returns the .cu translation units."""
+def rewrite_tree(src: pathlib.Path, dst: pathlib.Path, display_dir: str) -> list[pathlib.Path]:
+    """Rewrites every .cu / .cuh of src into dst, their reports naming display_dir/<file>; returns the .cu units.
+    (A copy of csrc/cuda, e.g. with a planted bug, keeps the names, and so shares the objects of unchanged files.)"""
     dst.mkdir(parents=True, exist_ok=True)
     units = []
     for path in sorted(list(src.glob("*.cu")) + list(src.glob("*.cuh"))):
-        try:
-            display = path.resolve().relative_to(display_root)
-        except ValueError:
-            display = path.resolve()
-        new = rewrite(path.read_text(), str(display))
+        new = rewrite(path.read_text(), f"{display_dir}/{path.name}")
         target = dst / path.name
         if not target.exists() or target.read_text() != new:
             target.write_text(new)
@@ -163,9 +160,10 @@ def rewrite_tree(src: pathlib.Path, dst: pathlib.Path, display_root: pathlib.Pat
 
 
 # ---- compiling -----------------------------------------------------------------------------------------------------
-def compile_flags(variant: str, extra_includes: list[pathlib.Path], with_torch: bool) -> list[str]:
+def compile_flags(variant: str, with_torch: bool) -> list[str]:
+    """The same for every copy of the sources: a unit finds its .cuh files beside it ("..." includes)."""
     flags = COMMON_FLAGS + VARIANT_FLAGS[variant] + ["-include", str(EMU_DIR / "include" / "cuda_emu" / "cuda_emu.h")]
-    flags += [f"-I{EMU_DIR / 'include'}"] + [f"-I{d}" for d in extra_includes]
+    flags += [f"-I{EMU_DIR / 'include'}"]
     flags += [f"-I{d}" for d in cuda_include_dirs()]
     if with_torch:
         torch_dir, _ = torch_dirs()
@@ -212,8 +210,8 @@ def build_library(variant: str = "release", src: pathlib.Path | None = None, out
     src = src or ROOT / "csrc" / "cuda"
     out = out or BUILD_DIR / variant
     torch_dir, torch_version = torch_dirs()
-    units = rewrite_tree(src, out / "src", ROOT)
-    flags = compile_flags(variant, [out / "src"], with_torch=True)
+    units = rewrite_tree(src, out / "src", "csrc/cuda")
+    flags = compile_flags(variant, with_torch=True)
     objects = compile_objects(units + [EMU_DIR / "runtime.cpp"], flags, BUILD_DIR / variant / "obj",
                               jobs or default_jobs(), fingerprint=f"torch {torch_version}")
     library = out / LIBRARY_NAME
@@ -228,8 +226,8 @@ def build_library(variant: str = "release", src: pathlib.Path | None = None, out
 
 def build_selftest(variant: str = "release") -> pathlib.Path:
     out = BUILD_DIR / variant / "selftest"
-    units = rewrite_tree(EMU_DIR / "tests", out / "src", ROOT)
-    flags = compile_flags(variant, [out / "src"], with_torch=False)
+    units = rewrite_tree(EMU_DIR / "tests", out / "src", "tools/cuda_emu/tests")
+    flags = compile_flags(variant, with_torch=False)
     objects = compile_objects(units + [EMU_DIR / "runtime.cpp"], flags, BUILD_DIR / variant / "obj-selftest",
                               default_jobs(), fingerprint="selftest")
     binary = out / "cuda_emu_selftest"

@@ -112,7 +112,8 @@ std::string where(const Site& site) {
 }
 
 bool same_site(const Site& a, const Site& b) {
-  return a.line() == b.line() && a.column() == b.column() && std::strcmp(a.file_name(), b.file_name()) == 0;
+  return a.line() == b.line() && a.column() == b.column() &&
+         (a.file_name() == b.file_name() || std::strcmp(a.file_name(), b.file_name()) == 0);
 }
 
 const char* warp_op_name(WarpOp op) {
@@ -235,6 +236,10 @@ struct Worker {
   std::vector<EmuThread> threads;  // the first `count` take part in the current block; the rest keep their stacks
   int count = 0;
   std::vector<std::vector<WarpGroup>> warp_groups;
+  // Per warp: lanes that exist, have exited, wait at __syncthreads.
+  std::vector<unsigned> lanes_present, lanes_exited, lanes_at_barrier;
+  std::vector<int> released;  // scratch
+  bool stacks_dirty = false;  // a block was abandoned mid-run: its frames are still marked on the stacks (ASan)
   std::vector<int> ready;
   size_t ready_head = 0;
   std::vector<unsigned char> dynamic_shared;
@@ -360,7 +365,7 @@ namespace cuda_emu {
 namespace detail {
 namespace {
 
-void prepare_fiber(EmuThread& t, size_t bytes) {
+void prepare_fiber(EmuThread& t, size_t bytes, bool dirty) {
   if (t.stack.base == nullptr || t.stack.size != bytes) {
     if (t.stack.base != nullptr) munmap(t.stack.base, t.stack.size + Stack::page());
     void* p = mmap(nullptr, bytes + Stack::page(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
@@ -371,8 +376,12 @@ void prepare_fiber(EmuThread& t, size_t bytes) {
     t.stack.size = bytes;
   }
 #if defined(CUDA_EMU_ASAN)
-  // An aborted block leaves its frames poisoned on the stacks that are reused now.
-  __asan_unpoison_memory_region(t.stack.lo(), t.stack.size);
+  // An abandoned block leaves its frames poisoned on the stacks that are reused now; a finished one only the
+  // outermost frames, near the top.
+  const size_t clean = dirty ? t.stack.size : std::min<size_t>(t.stack.size, 64 * 1024);
+  __asan_unpoison_memory_region(t.stack.lo() + t.stack.size - clean, clean);
+#else
+  (void)dirty;
 #endif
   t.asan_fake_stack = nullptr;
 #if defined(__x86_64__)
@@ -424,7 +433,8 @@ void fail(Worker& w, const std::string& message) {
 // Computes every lane's result of a complete warp operation and releases the lanes.
 void complete_warp_group(Worker& w, int warp, const WarpGroup& g) {
   EmuThread* lanes = &w.threads[static_cast<size_t>(warp) * 32];
-  std::vector<int> released;
+  std::vector<int>& released = w.released;
+  released.clear();
   for (int lane = 0; lane < 32; ++lane) {
     if (!(g.mask >> lane & 1u)) continue;
     EmuThread& t = lanes[lane];
@@ -505,24 +515,22 @@ void arrive_warp(Worker& w, EmuThread& t) {
     return fail(w, "cuda_emu: " + op + " at " + where(t.site) + " with mask " + hex(t.mask) +
                        " that does not name the calling lane, in " + describe_thread(*w.job, t));
   }
-  for (int j = 0; j < 32; ++j) {
-    if (!(t.mask >> j & 1u)) continue;
-    const int id = warp * 32 + j;
-    if (id >= n) {
-      return fail(w, "cuda_emu: " + op + " at " + where(t.site) + " with mask " + hex(t.mask) + " names lane " +
-                         std::to_string(j) + ", which does not exist (the block has " + std::to_string(n) +
-                         " threads), in " + describe_thread(*w.job, t));
-    }
-    const EmuThread& other = w.threads[id];
-    if (other.state == State::kExited) {
-      return fail(w, "cuda_emu: " + op + " at " + where(t.site) + " waits for lane " + std::to_string(j) +
-                         ", which has exited (a GPU hangs or returns garbage), in " + describe_thread(*w.job, t));
-    }
-    if (other.state == State::kBarrier) {
-      return fail(w, "cuda_emu: deadlock: lanes of warp " + std::to_string(warp) + " at different operations: lane " +
-                         std::to_string(lane) + " at " + op + " (" + where(t.site) + "), lane " + std::to_string(j) +
-                         " at __syncthreads (" + where(other.site) + "), in " + describe_thread(*w.job, t));
-    }
+  if (const unsigned missing = t.mask & ~w.lanes_present[warp]) {
+    return fail(w, "cuda_emu: " + op + " at " + where(t.site) + " with mask " + hex(t.mask) + " names lane " +
+                       std::to_string(__builtin_ctz(missing)) + ", which does not exist (the block has " +
+                       std::to_string(n) + " threads), in " + describe_thread(*w.job, t));
+  }
+  if (const unsigned gone = t.mask & w.lanes_exited[warp]) {
+    return fail(w, "cuda_emu: " + op + " at " + where(t.site) + " waits for lane " +
+                       std::to_string(__builtin_ctz(gone)) +
+                       ", which has exited (a GPU hangs or returns garbage), in " + describe_thread(*w.job, t));
+  }
+  if (const unsigned waiting = t.mask & w.lanes_at_barrier[warp]) {
+    const int j = __builtin_ctz(waiting);
+    return fail(w, "cuda_emu: deadlock: lanes of warp " + std::to_string(warp) + " at different operations: lane " +
+                       std::to_string(lane) + " at " + op + " (" + where(t.site) + "), lane " + std::to_string(j) +
+                       " at __syncthreads (" + where(w.threads[warp * 32 + j].site) + "), in " +
+                       describe_thread(*w.job, t));
   }
   std::vector<WarpGroup>& groups = w.warp_groups[warp];
   WarpGroup* group = nullptr;
@@ -581,10 +589,13 @@ void arrive_barrier(Worker& w, EmuThread& t) {
                        where(w.barrier_site) + " (divergent barrier), in " + describe_thread(*w.job, t));
   }
   ++w.at_barrier;
+  w.lanes_at_barrier[t.linear / 32] |= 1u << (t.linear % 32);
   if (w.at_barrier < n) return;
   int count = 0;
   for (int i = 0; i < n; ++i) count += w.threads[i].value != 0;
-  std::vector<int> released(static_cast<size_t>(n));
+  std::fill(w.lanes_at_barrier.begin(), w.lanes_at_barrier.end(), 0u);
+  std::vector<int>& released = w.released;
+  released.resize(static_cast<size_t>(n));
   for (int i = 0; i < n; ++i) {
     EmuThread& other = w.threads[i];
     switch (other.barrier_op) {
@@ -601,6 +612,7 @@ void arrive_barrier(Worker& w, EmuThread& t) {
 
 void thread_exited(Worker& w, EmuThread& t) {
   ++w.exited;
+  w.lanes_exited[t.linear / 32] |= 1u << (t.linear % 32);
   check_not_awaited(w, t, "exited");
   if (!w.error.empty()) return;
   if (w.at_barrier > 0) {
@@ -639,9 +651,15 @@ void run_block(Worker& w, Job& job, const uint3& block_idx, size_t stack_size) {
     t.ctx.grid_dim = cfg.grid;
     t.state = State::kReady;
     t.value = 0;
-    prepare_fiber(t, stack_size);
+    prepare_fiber(t, stack_size, w.stacks_dirty);
   }
-  w.warp_groups.assign(static_cast<size_t>((n + 31) / 32), {});
+  w.stacks_dirty = false;
+  const size_t warps = static_cast<size_t>((n + 31) / 32);
+  w.warp_groups.assign(warps, {});
+  w.lanes_present.assign(warps, 0xffffffffu);
+  if (n % 32 != 0) w.lanes_present.back() = (1u << (n % 32)) - 1u;
+  w.lanes_exited.assign(warps, 0u);
+  w.lanes_at_barrier.assign(warps, 0u);
   w.ready.clear();
   w.ready_head = 0;
   w.error.clear();
@@ -673,6 +691,7 @@ void run_block(Worker& w, Job& job, const uint3& block_idx, size_t stack_size) {
     }
   }
   if (w.error.empty() && w.exited < n) w.error = deadlock_report(w);
+  if (!w.error.empty()) w.stacks_dirty = true;
 }
 
 // ---- worker pool -------------------------------------------------------------------------------------------
