@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
 PROFILE ?= quick
-.PHONY: all setup build test demo bench ablation cuda-check clean
+.PHONY: all setup build test demo bench ablation cuda-check cuda-emu cuda-emu-planted clean
 all: test
 
 $(VPY):
@@ -52,6 +52,16 @@ ablation: build
 # Compile every CUDA source with nvcc -c (also run as a test by `make test`).
 cuda-check: $(DEPS_STAMP)
 	$(VPY) tools/nvcc_check.py
+
+# The CUDA kernels run on the CPU (tools/cuda_emu, README "CUDA kernels on the CPU"): builds csrc/cuda for the host
+# against the emulator (normal and AddressSanitizer builds, objects cached in build/cuda_emu), runs the emulator's
+# self-test, then the op tests' CUDA cases under several device shapes and thread orders, and once under ASan.
+cuda-emu: build
+	$(VPY) tools/cuda_emu/emu.py ci
+
+# Proof that the emulated tests catch kernel bugs: plants known bugs in copies of csrc/cuda; each must fail them.
+cuda-emu-planted: build
+	$(VPY) tools/cuda_emu/planted.py
 
 clean:
 	rm -rf build $(VENV) .pytest_cache
