@@ -303,20 +303,29 @@ std::string lanes_string(unsigned bits) {
   return out.str();
 }
 
+// Saves the running context in `from` and resumes `to`, whose stack is [to_bottom, to_bottom + to_size); under
+// AddressSanitizer the switch is announced, and `from`'s fake stack kept in *fake_stack_save until it runs again
+// (fake_stack_save = nullptr: `from` never runs again).
+void switch_stack(Context& from, Context& to, void** fake_stack_save, const void* to_bottom, size_t to_size) {
+#if defined(CUDA_EMU_ASAN)
+  __sanitizer_start_switch_fiber(fake_stack_save, to_bottom, to_size);
+#else
+  (void)fake_stack_save, (void)to_bottom, (void)to_size;
+#endif
+#if defined(__x86_64__)
+  cuda_emu_switch_context(&from, &to);
+#else
+  swapcontext(&from.uc, &to.uc);
+#endif
+#if defined(CUDA_EMU_ASAN)
+  __sanitizer_finish_switch_fiber(fake_stack_save != nullptr ? *fake_stack_save : nullptr, nullptr, nullptr);
+#endif
+}
+
 void switch_to_fiber(Worker& w, EmuThread& t) {
   tls_thread = &t.ctx;
   tls_emu_thread = &t;
-#if defined(CUDA_EMU_ASAN)
-  __sanitizer_start_switch_fiber(&w.asan_fake_stack, t.stack.lo(), t.stack.size);
-#endif
-#if defined(__x86_64__)
-  cuda_emu_switch_context(&w.scheduler, &t.context);
-#else
-  swapcontext(&w.scheduler.uc, &t.context.uc);
-#endif
-#if defined(CUDA_EMU_ASAN)
-  __sanitizer_finish_switch_fiber(w.asan_fake_stack, nullptr, nullptr);
-#endif
+  switch_stack(w.scheduler, t.context, &w.asan_fake_stack, t.stack.lo(), t.stack.size);
   tls_thread = nullptr;
   tls_emu_thread = nullptr;
 }
@@ -324,18 +333,8 @@ void switch_to_fiber(Worker& w, EmuThread& t) {
 // Called on the fiber: hands control back to the scheduler until the thread is resumed (never, once exited).
 void park(EmuThread& t) {
   Worker& w = *tls_worker;
-#if defined(CUDA_EMU_ASAN)
-  __sanitizer_start_switch_fiber(t.state == State::kExited ? nullptr : &t.asan_fake_stack,
-                                 w.scheduler_stack_bottom, w.scheduler_stack_size);
-#endif
-#if defined(__x86_64__)
-  cuda_emu_switch_context(&t.context, &w.scheduler);
-#else
-  swapcontext(&t.context.uc, &w.scheduler.uc);
-#endif
-#if defined(CUDA_EMU_ASAN)
-  __sanitizer_finish_switch_fiber(t.asan_fake_stack, nullptr, nullptr);
-#endif
+  switch_stack(t.context, w.scheduler, t.state == State::kExited ? nullptr : &t.asan_fake_stack,
+               w.scheduler_stack_bottom, w.scheduler_stack_size);
 }
 
 [[noreturn]] void fiber_body(EmuThread* t) {
@@ -505,30 +504,30 @@ void arrive_warp(Worker& w, EmuThread& t) {
   const int n = w.count;
   const int warp = t.linear / 32;
   const int lane = t.linear % 32;
-  const std::string op = warp_op_name(t.op);
+  const char* op = warp_op_name(t.op);  // strings are built on the error paths only
   auto hex = [](unsigned m) {
     std::ostringstream o;
     o << "0x" << std::hex << m;
     return o.str();
   };
   if (!(t.mask >> lane & 1u)) {
-    return fail(w, "cuda_emu: " + op + " at " + where(t.site) + " with mask " + hex(t.mask) +
+    return fail(w, std::string("cuda_emu: ") + op + " at " + where(t.site) + " with mask " + hex(t.mask) +
                        " that does not name the calling lane, in " + describe_thread(*w.job, t));
   }
   if (const unsigned missing = t.mask & ~w.lanes_present[warp]) {
-    return fail(w, "cuda_emu: " + op + " at " + where(t.site) + " with mask " + hex(t.mask) + " names lane " +
+    return fail(w, std::string("cuda_emu: ") + op + " at " + where(t.site) + " with mask " + hex(t.mask) + " names lane " +
                        std::to_string(__builtin_ctz(missing)) + ", which does not exist (the block has " +
                        std::to_string(n) + " threads), in " + describe_thread(*w.job, t));
   }
   if (const unsigned gone = t.mask & w.lanes_exited[warp]) {
-    return fail(w, "cuda_emu: " + op + " at " + where(t.site) + " waits for lane " +
+    return fail(w, std::string("cuda_emu: ") + op + " at " + where(t.site) + " waits for lane " +
                        std::to_string(__builtin_ctz(gone)) +
                        ", which has exited (a GPU hangs or returns garbage), in " + describe_thread(*w.job, t));
   }
   if (const unsigned waiting = t.mask & w.lanes_at_barrier[warp]) {
     const int j = __builtin_ctz(waiting);
     return fail(w, "cuda_emu: deadlock: lanes of warp " + std::to_string(warp) + " at different operations: lane " +
-                       std::to_string(lane) + " at " + op + " (" + where(t.site) + "), lane " + std::to_string(j) +
+                       std::to_string(lane) + " at " + std::string(op) + " (" + where(t.site) + "), lane " + std::to_string(j) +
                        " at __syncthreads (" + where(w.threads[warp * 32 + j].site) + "), in " +
                        describe_thread(*w.job, t));
   }
@@ -540,7 +539,7 @@ void arrive_warp(Worker& w, EmuThread& t) {
       // lowest lane of g that waits there, for the message
       int other = __builtin_ctz(g.arrived);
       return fail(w, "cuda_emu: lanes of warp " + std::to_string(warp) + " at different warp operations: lane " +
-                         std::to_string(lane) + " at " + op + " (" + where(t.site) + ", mask " + hex(t.mask) +
+                         std::to_string(lane) + " at " + std::string(op) + " (" + where(t.site) + ", mask " + hex(t.mask) +
                          "), lanes " + lanes_string(g.arrived) + " at " + warp_op_name(g.op) + " (" +
                          where(g.site) + ", mask " + hex(g.mask) + "); lane " + std::to_string(other) +
                          " waits for it, in " + describe_thread(*w.job, t));

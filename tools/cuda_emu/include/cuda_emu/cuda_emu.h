@@ -179,34 +179,18 @@ inline void __syncwarp(unsigned mask = 0xffffffffu, cuda_emu::Site site = cuda_e
   cuda_emu::detail::warp_op(cuda_emu::detail::WarpOp::kSyncWarp, mask, 0, 0, warpSize, site);
 }
 
-template <typename T>
-inline T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize,
-                     cuda_emu::Site site = cuda_emu::Site::current()) {
-  using cuda_emu::detail::from_bits, cuda_emu::detail::to_bits;
-  return from_bits<T>(cuda_emu::detail::warp_op(cuda_emu::detail::WarpOp::kShflIdx, mask, to_bits(var), src_lane,
-                                                width, site));
-}
-template <typename T>
-inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize,
-                        cuda_emu::Site site = cuda_emu::Site::current()) {
-  using cuda_emu::detail::from_bits, cuda_emu::detail::to_bits;
-  return from_bits<T>(cuda_emu::detail::warp_op(cuda_emu::detail::WarpOp::kShflUp, mask, to_bits(var),
-                                                static_cast<int>(delta), width, site));
-}
-template <typename T>
-inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize,
-                          cuda_emu::Site site = cuda_emu::Site::current()) {
-  using cuda_emu::detail::from_bits, cuda_emu::detail::to_bits;
-  return from_bits<T>(cuda_emu::detail::warp_op(cuda_emu::detail::WarpOp::kShflDown, mask, to_bits(var),
-                                                static_cast<int>(delta), width, site));
-}
-template <typename T>
-inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize,
-                         cuda_emu::Site site = cuda_emu::Site::current()) {
-  using cuda_emu::detail::from_bits, cuda_emu::detail::to_bits;
-  return from_bits<T>(cuda_emu::detail::warp_op(cuda_emu::detail::WarpOp::kShflXor, mask, to_bits(var), lane_mask,
-                                                width, site));
-}
+#define CUDA_EMU_SHFL(name, op, Arg)                                                                         \
+  template <typename T>                                                                                      \
+  inline T name(unsigned mask, T var, Arg arg, int width = warpSize,                                         \
+                cuda_emu::Site site = cuda_emu::Site::current()) {                                           \
+    return cuda_emu::detail::from_bits<T>(cuda_emu::detail::warp_op(                                         \
+        cuda_emu::detail::WarpOp::op, mask, cuda_emu::detail::to_bits(var), static_cast<int>(arg), width, site)); \
+  }
+CUDA_EMU_SHFL(__shfl_sync, kShflIdx, int)
+CUDA_EMU_SHFL(__shfl_up_sync, kShflUp, unsigned)
+CUDA_EMU_SHFL(__shfl_down_sync, kShflDown, unsigned)
+CUDA_EMU_SHFL(__shfl_xor_sync, kShflXor, int)
+#undef CUDA_EMU_SHFL
 inline unsigned __ballot_sync(unsigned mask, int predicate, cuda_emu::Site site = cuda_emu::Site::current()) {
   return static_cast<unsigned>(
       cuda_emu::detail::warp_op(cuda_emu::detail::WarpOp::kBallot, mask, predicate != 0, 0, warpSize, site));
@@ -253,46 +237,40 @@ CUDA_EMU_STORE(__stwt)
 #undef CUDA_EMU_STORE
 
 // Blocks run concurrently on several OS threads: atomics are real atomics.
-template <typename T>
-inline T atomicAdd(T* address, T value) {
-  return std::atomic_ref<T>(*address).fetch_add(value);
-}
-template <typename T>
-inline T atomicSub(T* address, T value) {
-  return std::atomic_ref<T>(*address).fetch_sub(value);
-}
-template <typename T>
-inline T atomicExch(T* address, T value) {
-  return std::atomic_ref<T>(*address).exchange(value);
-}
+#define CUDA_EMU_ATOMIC(name, method)                    \
+  template <typename T>                                  \
+  inline T name(T* address, T value) {                   \
+    return std::atomic_ref<T>(*address).method(value);   \
+  }
+CUDA_EMU_ATOMIC(atomicAdd, fetch_add)
+CUDA_EMU_ATOMIC(atomicSub, fetch_sub)
+CUDA_EMU_ATOMIC(atomicExch, exchange)
+CUDA_EMU_ATOMIC(atomicOr, fetch_or)
+CUDA_EMU_ATOMIC(atomicAnd, fetch_and)
+#undef CUDA_EMU_ATOMIC
 template <typename T>
 inline T atomicCAS(T* address, T compare, T value) {
   std::atomic_ref<T>(*address).compare_exchange_strong(compare, value);
   return compare;
 }
-template <typename T>
-inline T atomicMax(T* address, T value) {
+namespace cuda_emu::detail {
+// Replaces *address by value while better(value, *address); returns the old value.
+template <typename T, typename Better>
+inline T atomic_replace_if(T* address, T value, Better better) {
   std::atomic_ref<T> ref(*address);
   T old = ref.load();
-  while (old < value && !ref.compare_exchange_weak(old, value)) {
+  while (better(value, old) && !ref.compare_exchange_weak(old, value)) {
   }
   return old;
+}
+}  // namespace cuda_emu::detail
+template <typename T>
+inline T atomicMax(T* address, T value) {
+  return cuda_emu::detail::atomic_replace_if(address, value, [](T a, T b) { return b < a; });
 }
 template <typename T>
 inline T atomicMin(T* address, T value) {
-  std::atomic_ref<T> ref(*address);
-  T old = ref.load();
-  while (value < old && !ref.compare_exchange_weak(old, value)) {
-  }
-  return old;
-}
-template <typename T>
-inline T atomicOr(T* address, T value) {
-  return std::atomic_ref<T>(*address).fetch_or(value);
-}
-template <typename T>
-inline T atomicAnd(T* address, T value) {
-  return std::atomic_ref<T>(*address).fetch_and(value);
+  return cuda_emu::detail::atomic_replace_if(address, value, [](T a, T b) { return a < b; });
 }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
