@@ -57,7 +57,9 @@ cuda-check: $(DEPS_STAMP)
 # The CUDA kernels run on the CPU (tools/cuda_emu, README "CUDA kernels on the CPU"): builds csrc/cuda for the host
 # against the emulator (normal and AddressSanitizer builds, objects cached in build/cuda_emu), runs the emulator's
 # self-test, then the op tests' CUDA cases under several device shapes and thread orders, and once under ASan.
+# Without an nvcc on PATH the CUDA headers come from three small wheels (~33 MB).
 cuda-emu: build
+	@command -v nvcc >/dev/null || $(PIPC) nvidia-cuda-runtime nvidia-cuda-crt nvidia-cuda-cccl
 	$(VPY) tools/cuda_emu/emu.py ci
 
 # Proof that the emulated tests catch kernel bugs: plants known bugs in copies of csrc/cuda; each must fail them.

@@ -98,14 +98,13 @@ def cuda_include_dirs() -> list[pathlib.Path]:
                 dirs = [d.resolve() for d in dirs if (d / "cuda_runtime.h").exists()]
                 if dirs:
                     return dirs
-    site = pathlib.Path(sysconfig.get_paths()["purelib"]) / "nvidia"
-    found = []
-    for header in ("cuda_runtime.h", "crt/host_defines.h", "cuda/std/version"):
-        hits = sorted(site.glob(f"**/include/{header}"))
-        if hits:
-            found.append(hits[0].parents[len(pathlib.Path(header).parts) - 1])
-    if len(found) >= 2:
-        return list(dict.fromkeys(found))
+    # The wheels' layout: nvidia/cu13/include/{cuda_runtime.h, crt/...}, CCCL in nvidia/cu13/include/cccl.
+    site = pathlib.Path(os.environ.get("CUDA_EMU_WHEELS_SITE", sysconfig.get_paths()["purelib"])) / "nvidia"
+    runtime = sorted(site.glob("**/include/cuda_runtime.h"))
+    if runtime and (runtime[0].parent / "crt" / "host_defines.h").exists():
+        dirs = [runtime[0].parent]
+        dirs += [v.parents[2] for v in sorted(site.glob("**/cuda/std/version"))[:1]]
+        return dirs
     raise BuildError("cuda_emu: no CUDA headers: put nvcc on PATH, set CUDA_EMU_CUDA_INCLUDE, or "
                      "`pip install -c constraints.txt nvidia-cuda-runtime nvidia-cuda-crt nvidia-cuda-cccl`")
 
