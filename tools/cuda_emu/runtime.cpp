@@ -560,13 +560,15 @@ void arrive_warp(Worker& w, EmuThread& t) {
 }
 
 // A thread that waits at a barrier, or has exited, must not be needed by a warp operation of its warp.
-void check_not_awaited(Worker& w, const EmuThread& t, const char* what) {
+// (t is at a barrier, or has exited.)
+void check_not_awaited(Worker& w, const EmuThread& t) {
   const int warp = t.linear / 32;
   const int lane = t.linear % 32;
   for (const WarpGroup& g : w.warp_groups[warp]) {
     if (!(g.mask >> lane & 1u)) continue;
-    return fail(w, "cuda_emu: deadlock: lane " +
-                       std::to_string(lane) + " of warp " + std::to_string(warp) + " " + what + ", but lanes " +
+    const std::string what = t.state == State::kExited ? "exited" : "reached __syncthreads at " + where(t.site);
+    return fail(w, "cuda_emu: deadlock: lane " + std::to_string(lane) + " of warp " + std::to_string(warp) + " " +
+                       what + ", but lanes " +
                        lanes_string(g.arrived) + " wait for it at " + warp_op_name(g.op) + " (" + where(g.site) +
                        "), in " + describe_thread(*w.job, t));
   }
@@ -574,7 +576,7 @@ void check_not_awaited(Worker& w, const EmuThread& t, const char* what) {
 
 void arrive_barrier(Worker& w, EmuThread& t) {
   const int n = w.count;
-  check_not_awaited(w, t, ("reached __syncthreads at " + where(t.site)).c_str());
+  check_not_awaited(w, t);
   if (!w.error.empty()) return;
   if (w.exited > 0) {
     return fail(w, "cuda_emu: __syncthreads at " + where(t.site) + " reached after " + std::to_string(w.exited) +
@@ -612,7 +614,7 @@ void arrive_barrier(Worker& w, EmuThread& t) {
 void thread_exited(Worker& w, EmuThread& t) {
   ++w.exited;
   w.lanes_exited[t.linear / 32] |= 1u << (t.linear % 32);
-  check_not_awaited(w, t, "exited");
+  check_not_awaited(w, t);
   if (!w.error.empty()) return;
   if (w.at_barrier > 0) {
     fail(w, "cuda_emu: a thread exited while " + std::to_string(w.at_barrier) + " threads wait at __syncthreads (" +
