@@ -74,7 +74,8 @@ CI_RUNS = [("release", "132sm-forward", None), ("release", "1sm-reverse", None),
            ("release", "8sm-random", SMALLER_GRIDS), ("asan", "4sm-random-asan", SMALLER_GRIDS)]
 OP_TESTS = ["python_tests/test_ops_temperature_kl.py", "python_tests/test_ops_attention_importance.py",
             "python_tests/test_ops_select_tokens.py", "python_tests/test_ops_gather_tokens.py",
-            "python_tests/test_ops_alignment.py", "python_tests/test_cuda_emu.py"]
+            "python_tests/test_ops_alignment.py", "python_tests/test_ops_shared_memory_limits.py",
+            "python_tests/test_cuda_emu.py"]
 
 
 class BuildError(RuntimeError):
@@ -119,10 +120,15 @@ def torch_dirs() -> tuple[pathlib.Path, str]:
 EXTERN_SHARED = re.compile(
     r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?(?P<type>[\w:<>, ]+?)\s+(?P<name>\w+)\s*\[\s*\]\s*;")
 KERNEL_BEFORE = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*$")
+STATIC_SHARED = re.compile(r"(?<!extern )(?P<decl>__shared__\s+[^;{}()]+?\s+(?P<name>\w+)\s*(?:\[[^\]]*\]\s*)*;)")
 
 
 def rewrite(text: str, display_path: str) -> str:
-    """The two mechanical rewrites; the line structure is kept, so `#line 1` maps every line back."""
+    """The three mechanical rewrites; the line structure is kept, so `#line 1` maps every line back. Besides launches
+    and `extern __shared__`, each static `__shared__` declaration is followed (on its line) by a call that sizes and
+    poisons it per block."""
+    text = STATIC_SHARED.sub(lambda m: f"{m['decl']} ::cuda_emu::detail::static_shared(&{m['name']}, "
+                             f"sizeof({m['name']}), \"{m['name']}\", ::cuda_emu::Site::current());", text)
     text = EXTERN_SHARED.sub(lambda m: f"{m['type']}* const {m['name']} = ::cuda_emu::dynamic_shared<{m['type']}>();",
                              text)
     out = []

@@ -243,6 +243,8 @@ struct Worker {
   std::vector<int> ready;
   size_t ready_head = 0;
   std::vector<unsigned char> dynamic_shared;
+  std::vector<const void*> static_shared_seen;  // static __shared__ variables met in this block
+  size_t static_shared_bytes = 0;
   std::mt19937_64 rng;
   Order order = Order::kForward;
   Job* job = nullptr;
@@ -274,6 +276,9 @@ struct Job {
   Order order;
   uint64_t seed;
   uint64_t launch_index;
+  size_t dynamic_limit;  // the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize, or 48 KiB
+  bool opted_in;         // that attribute was set
+  size_t optin;          // the device's shared memory per block with opt-in
 };
 
 std::string describe_thread(const Job& job, const EmuThread& t) {
@@ -672,6 +677,8 @@ void run_block(Worker& w, Job& job, const uint3& block_idx, size_t stack_size) {
   w.rng.seed(job.seed * 0x9E3779B97F4A7C15ull ^ (job.launch_index << 20) ^ block_linear);
   // Dynamic shared memory starts as 0xFF bytes: a read before any write sees NaN / -1, not a lucky zero.
   w.dynamic_shared.assign(cfg.shared_bytes, 0xFF);
+  w.static_shared_seen.clear();
+  w.static_shared_bytes = 0;
   {
     std::vector<int> all(static_cast<size_t>(n));
     for (int i = 0; i < n; ++i) all[i] = i;
@@ -803,6 +810,32 @@ void fault(const char* what, const void* address, const Site& site) {
   std::abort();  // a faulted block is never resumed
 }
 
+void static_shared(void* address, size_t bytes, const char* name, const Site& site) {
+  Worker* w = tls_worker;
+  if (w == nullptr || tls_emu_thread == nullptr) return;  // a __shared__ declaration run outside a kernel
+  for (const void* seen : w->static_shared_seen) {
+    if (seen == address) return;
+  }
+  w->static_shared_seen.push_back(address);
+  w->static_shared_bytes += bytes;
+  std::memset(address, 0xFF, bytes);  // like dynamic shared memory: a read before any write shows
+  const Job& job = *w->job;
+  const size_t total = w->static_shared_bytes + job.config.shared_bytes;
+  std::ostringstream why;
+  if (!job.opted_in && total > kSmemNoOptin) {
+    why << "static shared memory (" << w->static_shared_bytes << " bytes, the last being '" << name
+        << "') plus " << job.config.shared_bytes << " bytes of dynamic shared memory exceed 48 KiB without "
+        << "cudaFuncSetAttribute(MaxDynamicSharedMemorySize): the launch fails on a GPU";
+  } else if (job.opted_in && w->static_shared_bytes + job.dynamic_limit > job.optin) {
+    why << "static shared memory (" << w->static_shared_bytes << " bytes, the last being '" << name
+        << "') plus the kernel's MaxDynamicSharedMemorySize (" << job.dynamic_limit << ") exceed the device's "
+        << job.optin << " bytes per block: the launch fails on a GPU";
+  } else {
+    return;
+  }
+  fault(why.str().c_str(), address, site);
+}
+
 namespace {
 EmuThread& current_emu_thread(const char* what, const Site& site) {
   if (tls_worker == nullptr || tls_emu_thread == nullptr) {
@@ -857,16 +890,20 @@ void launch(const LaunchConfig& config, const void* kernel_id, InvokeFn invoke, 
   }
   const size_t optin = static_cast<size_t>(env_long("CUDA_EMU_SMEM_OPTIN", kDefaultSmemOptin));
   size_t allowed = kSmemNoOptin;
+  bool opted_in = false;
   {
     std::lock_guard<std::mutex> lock(g_attr_mutex);
     const auto it = g_max_dynamic_shared.find(kernel_id);
-    if (it != g_max_dynamic_shared.end()) allowed = static_cast<size_t>(it->second);
+    if (it != g_max_dynamic_shared.end()) {
+      allowed = static_cast<size_t>(it->second);
+      opted_in = true;
+    }
   }
   if (config.shared_bytes > allowed) {
     std::ostringstream m;
     m << "cuda_emu: " << config.shared_bytes << " bytes of dynamic shared memory requested but the kernel allows "
       << allowed
-      << (allowed == kSmemNoOptin ? " (48 KiB: more needs cudaFuncSetAttribute(kernel, "
+      << (!opted_in ? " (48 KiB: more needs cudaFuncSetAttribute(kernel, "
                                     "cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) first)"
                                   : " (its cudaFuncAttributeMaxDynamicSharedMemorySize)")
       << ", for " << at.str();
@@ -889,6 +926,9 @@ void launch(const LaunchConfig& config, const void* kernel_id, InvokeFn invoke, 
   job.order = env_order();
   job.seed = static_cast<uint64_t>(env_long("CUDA_EMU_SEED", 1));
   job.launch_index = g_launches.fetch_add(1);
+  job.dynamic_limit = allowed;
+  job.opted_in = opted_in;
+  job.optin = optin;
   job.block_order.reserve(static_cast<size_t>(g.x) * g.y * g.z);
   for (unsigned z = 0; z < g.z; ++z) {
     for (unsigned y = 0; y < g.y; ++y) {

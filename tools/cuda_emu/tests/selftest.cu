@@ -100,6 +100,23 @@ __global__ void racy_kernel(int* out) {  // a missing barrier: reads a neighbour
 
 __global__ void empty_kernel() {}
 
+__global__ void static_shared_kernel(int* out) {  // static shared memory starts as 0xFF in every block
+  __shared__ int slots[32];
+  const int before = slots[threadIdx.x];
+  __syncthreads();
+  slots[threadIdx.x] = static_cast<int>(threadIdx.x);
+  __syncthreads();
+  out[blockIdx.x * 32 + threadIdx.x] = before + 2 * slots[31 - threadIdx.x];
+}
+
+__global__ void static_plus_dynamic_kernel(int* out) {  // 64 bytes static + the launch's dynamic bytes
+  extern __shared__ int dynamic[];
+  __shared__ int counters[16];
+  counters[threadIdx.x % 16] = 0;
+  dynamic[threadIdx.x] = 1;
+  out[threadIdx.x] = dynamic[threadIdx.x];
+}
+
 // ---- kernels: errors ------------------------------------------------------------------------------------------
 __global__ void divergent_barrier_kernel() {
   if (threadIdx.x < 16) {
@@ -270,6 +287,12 @@ std::vector<Case> cases() {
     big_shared_kernel<<<1, 32, 64 * 1024>>>(out.data());
     return cudaGetLastError() == cudaSuccess && out[0] == 1 ? "" : "launch failed";
   }});
+  all.push_back({"static shared memory: one copy per block, 0xFF at each block start", []() -> std::string {
+    std::vector<int> out(4 * 32), want(4 * 32);
+    static_shared_kernel<<<4, 32>>>(out.data());
+    for (int i = 0; i < 4 * 32; ++i) want[i] = -1 + 2 * (31 - i % 32);
+    return expect_equal(out, want, "static shared");
+  }});
   // ---- each reported error ----
   all.push_back({"error: divergent __syncthreads", []() -> std::string {
     return expect_error([] { divergent_barrier_kernel<<<1, 32>>>(); }, "different __syncthreads call sites");
@@ -316,6 +339,14 @@ std::vector<Case> cases() {
     if (e != cudaErrorInvalidValue) return std::string("launch error ") + cudaGetErrorName(e);
     if (std::strstr(cudaGetErrorString(e), "cudaFuncSetAttribute") == nullptr) return std::string("message");
     return cuda_emu_error_count() == before + 1 ? "" : "not logged";
+  }});
+  all.push_back({"error: static + dynamic shared memory above 48 KiB without cudaFuncSetAttribute",
+                 []() -> std::string {
+    std::vector<int> out(32);
+    static_plus_dynamic_kernel<<<1, 32, 48 * 1024 - 64>>>(out.data());  // exactly 48 KiB: fine
+    if (cudaGetLastError() != cudaSuccess || out[0] != 1) return "the 48 KiB launch failed";
+    return expect_error([&] { static_plus_dynamic_kernel<<<1, 32, 48 * 1024 - 60>>>(out.data()); },
+                        "static shared memory (64 bytes");
   }});
   all.push_back({"error: dynamic shared memory above the opt-in limit", []() -> std::string {
     setenv("CUDA_EMU_SMEM_OPTIN", "65536", 1);

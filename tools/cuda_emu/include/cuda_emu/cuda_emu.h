@@ -28,7 +28,7 @@
 
 // Host compilers get empty __device__/__global__/__shared__ from the toolkit's host_defines.h; shared variables
 // must be one per block instead of one per call. A block runs on one OS thread, so a thread-local static is the
-// block's copy (blocks that follow on the same OS thread find the previous block's contents, like a GPU would).
+// block's copy (refilled with 0xFF at each block's start, see static_shared).
 #undef __shared__
 #define __shared__ static thread_local
 #define __launch_bounds__(...)
@@ -63,6 +63,10 @@ uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, int arg, int width, c
 enum class BarrierOp : uint8_t { kSync, kCount, kAnd, kOr };
 int barrier(BarrierOp op, int predicate, const Site& site);
 [[noreturn]] void fault(const char* what, const void* address, const Site& site);
+// Called right after each static __shared__ declaration (third rewrite): the first thread of a block to pass it
+// fills the variable with 0xFF and adds its size to the block's static shared memory, which counts against the
+// same limits as on a GPU (static + dynamic <= 48 KiB without cudaFuncSetAttribute).
+void static_shared(void* address, size_t bytes, const char* name, const Site& site);
 
 template <typename T>
 inline uint64_t to_bits(const T& v) {
