@@ -28,6 +28,11 @@ def test_attention_importance_tiles_at_the_shared_memory_limit(device, head_dim)
     g = torch.Generator().manual_seed(head_dim)
     query = torch.randn(1, 4, 5, head_dim, generator=g).to(device)  # 20 rows per kv head: one key group
     key = torch.randn(1, 1, 70, head_dim, generator=g).to(device)
-    got = ops.attention_importance(query, key)
+    try:
+        got = ops.attention_importance(query, key)
+    except RuntimeError as exc:  # a device with less shared memory (e.g. an emulated 48 KiB one) refuses it
+        if "needs more shared memory than this device has" not in str(exc):
+            raise
+        pytest.skip(str(exc))
     expected = reference.attention_importance(query, key)
     torch.testing.assert_close(got.double().cpu(), expected.double().cpu(), rtol=1e-5, atol=1e-7)

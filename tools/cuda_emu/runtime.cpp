@@ -780,7 +780,9 @@ class Pool {
 };
 
 std::mutex g_attr_mutex;
-std::map<const void*, int> g_max_dynamic_shared;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
+// cudaFuncAttributeMaxDynamicSharedMemorySize per kernel, with the opt-in limit it was set under: a test that
+// changes the emulated device (CUDA_EMU_SMEM_OPTIN) mid-process does not inherit another device's attributes.
+std::map<const void*, std::pair<int, long>> g_max_dynamic_shared;
 std::atomic<uint64_t> g_launches{0};
 
 cudaError_t launch_error(cudaError_t code, const std::string& message) {
@@ -894,8 +896,8 @@ void launch(const LaunchConfig& config, const void* kernel_id, InvokeFn invoke, 
   {
     std::lock_guard<std::mutex> lock(g_attr_mutex);
     const auto it = g_max_dynamic_shared.find(kernel_id);
-    if (it != g_max_dynamic_shared.end()) {
-      allowed = static_cast<size_t>(it->second);
+    if (it != g_max_dynamic_shared.end() && it->second.second == static_cast<long>(optin)) {
+      allowed = static_cast<size_t>(it->second.first);
       opted_in = true;
     }
   }
@@ -997,7 +999,7 @@ cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, 
                                                      std::to_string(optin));
     }
     std::lock_guard<std::mutex> lock(g_attr_mutex);
-    g_max_dynamic_shared[func] = value;
+    g_max_dynamic_shared[func] = {value, optin};
   }
   return cudaSuccess;
 }
