@@ -25,6 +25,7 @@
 #include "cuda_emu/cuda_emu.h"
 
 #include <pthread.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -702,6 +703,58 @@ void run_block(Worker& w, Job& job, const uint3& block_idx, size_t stack_size) {
   if (!w.error.empty()) w.stacks_dirty = true;
 }
 
+// ---- crashes inside a kernel ------------------------------------------------------------------------------------
+// A kernel that writes far out of bounds takes the process down. Before it goes, say which kernel, block and thread
+// it was (and whether the thread's stack overflowed), then hand the signal to whoever had it before (Python's
+// faulthandler prints the Python stack). Not in the ASan build, whose own report says more.
+struct sigaction g_previous_segv;
+struct sigaction g_previous_bus;
+
+void crash_handler(int sig, siginfo_t* info, void*) {
+  const EmuThread* t = tls_emu_thread;
+  const Worker* w = tls_worker;
+  if (t != nullptr && w != nullptr && w->job != nullptr) {
+    const LaunchConfig& c = w->job->config;
+    const char* address = static_cast<const char*>(info->si_addr);
+    const bool overflow = address >= t->stack.base && address < t->stack.lo();
+    char message[768];
+    const int n = std::snprintf(
+        message, sizeof(message),
+        "\ncuda_emu: %s in kernel '%s' launched at %s:%d, block (%u,%u,%u) thread (%u,%u,%u): %s\n",
+        sig == SIGSEGV ? "segmentation fault" : "bus error", c.kernel, c.file, c.line, t->ctx.block_idx.x,
+        t->ctx.block_idx.y, t->ctx.block_idx.z, t->ctx.thread_idx.x, t->ctx.thread_idx.y, t->ctx.thread_idx.z,
+        overflow ? "the thread's stack overflowed (CUDA_EMU_STACK_KB)"
+                 : "an access outside any mapping (the ASan build, emu.py test --variant asan, says where)");
+    if (n > 0) (void)!write(2, message, static_cast<size_t>(std::min<int>(n, sizeof(message) - 1)));
+  }
+  // Returning re-runs the faulting access under the previous handler.
+  sigaction(sig, sig == SIGSEGV ? &g_previous_segv : &g_previous_bus, nullptr);
+}
+
+void install_crash_handler() {
+#if !defined(CUDA_EMU_ASAN)
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction action {};
+    action.sa_sigaction = crash_handler;
+    action.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGSEGV, &action, &g_previous_segv);
+    sigaction(SIGBUS, &action, &g_previous_bus);
+  });
+#endif
+}
+
+// An alternate signal stack for a worker, so that the handler also runs when a fiber's stack has overflowed.
+void install_signal_stack() {
+  static constexpr size_t kBytes = 64 * 1024;
+  stack_t alternate{};
+  alternate.ss_sp = mmap(nullptr, kBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (alternate.ss_sp == MAP_FAILED) return;
+  alternate.ss_size = kBytes;
+  sigaltstack(&alternate, nullptr);
+}
+
 // ---- worker pool -------------------------------------------------------------------------------------------
 class Pool {
  public:
@@ -711,6 +764,7 @@ class Pool {
   }
 
   void run(Job& job) {
+    install_crash_handler();
     const size_t blocks = job.block_order.size();
     const size_t wanted = std::max<size_t>(1, std::min<size_t>(blocks, static_cast<size_t>(workers_wanted())));
     std::unique_lock<std::mutex> lock(mutex_);
@@ -732,6 +786,7 @@ class Pool {
   void loop() {
     Worker worker;
     tls_worker = &worker;
+    install_signal_stack();
     uint64_t seen = 0;
     size_t my_index = 0;
     {
