@@ -15,7 +15,8 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
 PROFILE ?= quick
 CONSTANTS ?=
-.PHONY: all setup build test test-compat install-check fuzz demo bench ablation cuda-check clean
+.PHONY: all setup build test test-compat install-check fuzz demo bench ablation cuda-check cuda-emu \
+	cuda-emu-planted cuda-link-check gpu-check gpu-wheels clean
 all: test
 
 $(VPY):
@@ -70,6 +71,36 @@ ablation: build
 # Compile every CUDA source with nvcc -c (also run as a test by `make test`).
 cuda-check: $(DEPS_STAMP)
 	$(VPY) tools/nvcc_check.py
+
+# The CUDA kernels run on the CPU (tools/cuda_emu, README "CUDA kernels on the CPU"): builds csrc/cuda for the host
+# against the emulator (normal and AddressSanitizer builds, objects cached in build/cuda_emu), runs the emulator's
+# self-test, then the op tests' CUDA cases under several device shapes and thread orders, and once under ASan.
+# Without an nvcc on PATH the CUDA headers come from three small wheels (~33 MB).
+cuda-emu: build
+	@command -v nvcc >/dev/null || $(PIPC) nvidia-cuda-runtime nvidia-cuda-crt nvidia-cuda-cccl
+	$(VPY) tools/cuda_emu/emu.py ci
+
+# Proof that the emulated tests catch kernel bugs: plants known bugs in copies of csrc/cuda; each must fail them.
+cuda-emu-planted: build
+	$(VPY) tools/cuda_emu/planted.py
+
+# Build with EPIC_EXT_CUDA=ON against a CUDA torch (2.15.0, CUDA 13.2) in a separate venv (build/link-check), import
+# it and run the CPU op tests. Downloads ~2.7 GB the first time; run it before resolving a change to csrc/cuda.
+cuda-link-check:
+	tools/cuda_link_check.sh
+
+# For a machine with a GPU (uses its python and torch, not .venv): build with CUDA, CUDA tests, compute-sanitizer,
+# benchmarks; summary in bench/results/gpu-check-<device>.md. Carry build/gpu-wheels (make gpu-wheels) along.
+gpu-check:
+	tools/gpu_check.sh
+
+# Wheels the GPU machines lack (no network there): DeepSpeed and Liger-Kernel, and DeepSpeed's small pure-Python
+# dependencies (torch, triton, numpy, msgpack, psutil and pydantic are expected there; gpu-check reports it if not).
+gpu-wheels: $(DEPS_STAMP)
+	mkdir -p build/gpu-wheels
+	DS_BUILD_OPS=0 $(PIP) wheel -q -c constraints.txt --no-deps --no-build-isolation -w build/gpu-wheels \
+	  deepspeed==0.19.8 liger-kernel==0.8.5 hjson einops py-cpuinfo nvidia-ml-py
+	ls build/gpu-wheels
 
 clean:
 	rm -rf build $(VENV) .pytest_cache

@@ -1,8 +1,16 @@
-"""Shared fixtures: the device list (CUDA cases are collected everywhere and skipped, visibly, without a GPU)."""
+"""Shared fixtures: the device list (CUDA cases are collected everywhere and skipped, visibly, without a GPU).
+
+With EPIC_EXT_CUDA_EMU=<path of libepic_ext_cuda_emu.so> (set by `make cuda-emu`, tools/cuda_emu/emu.py), every
+device-parametrised test also gets an "emu" case: CPU tensors, but the ops run their CUDA kernels on the CPU
+emulator (tools/cuda_emu/torch_emu.py), compared against epic_ext.reference like the CUDA case. Any error the
+emulator reports during such a case fails it, even where the test caught the exception.
+"""
 
 from __future__ import annotations
 
 import os
+import pathlib
+import sys
 
 import pytest
 import torch
@@ -31,10 +39,31 @@ DEVICES = [
     pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)]),
 ]
 
+cuda_emu = None
+if os.environ.get("EPIC_EXT_CUDA_EMU"):
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools" / "cuda_emu"))
+    import torch_emu as cuda_emu  # noqa: E402
+
+    cuda_emu.load(os.environ["EPIC_EXT_CUDA_EMU"])
+    DEVICES.append(pytest.param("cpu", id="emu", marks=pytest.mark.cuda_emu))
+
 
 def pytest_report_header(config):
     info = epic_ext.build_info()
     return [f"epic_ext build: {info}", f"torch {torch.__version__}, CUDA device: {torch.cuda.is_available()}"]
+
+
+@pytest.fixture(autouse=True)
+def _cuda_emulation(request):
+    if request.node.get_closest_marker("cuda_emu") is None:
+        yield
+        return
+    before = cuda_emu.error_count()
+    with cuda_emu.kernels_on_cpu():
+        yield
+    reported = cuda_emu.errors_since(before)
+    if reported:
+        pytest.fail("cuda_emu reported:\n" + "\n".join(reported), pytrace=False)
 
 
 @pytest.fixture(autouse=True)

@@ -538,7 +538,8 @@ void launch_attention_importance(const AttnParams& p, int64_t batch, int sms, in
   const size_t shared_bytes = tile_shared_bytes(p.key_groups, p.dim4, p.k_stride);
   auto stats_kernel = p.vec ? attention_row_stats_kernel<T, true> : attention_row_stats_kernel<T, false>;
   auto importance_kernel = p.vec ? attention_importance_kernel<T, true> : attention_importance_kernel<T, false>;
-  if (shared_bytes > 48 * 1024) {
+  // The 48 KiB a block gets without the opt-in hold its static shared memory too.
+  if (shared_bytes + kStaticSharedBytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(stats_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(shared_bytes)));
     C10_CUDA_CHECK(cudaFuncSetAttribute(importance_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

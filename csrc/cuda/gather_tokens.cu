@@ -40,8 +40,9 @@ namespace {
 
 constexpr int kThreads = 256;
 // build_inverse_kernel keeps the per-destination counters in shared memory up to this many destinations (48 KiB,
-// the limit without an opt-in); longer sequences count in global memory instead (same code, generic pointers).
-constexpr int64_t kMaxSharedDestinations = 48 * 1024 / sizeof(int);
+// the limit without an opt-in, which also holds its static warp_totals); longer sequences count in global memory
+// instead (same code, generic pointers).
+constexpr int64_t kMaxSharedDestinations = (48 * 1024 - kThreads / 32 * sizeof(int)) / sizeof(int);
 
 // ---------------------------------------------------------------------------------------------------------------
 // Row layout shared by the kernels.
