@@ -218,8 +218,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       st = lane < kWarps ? warp_states[lane] : kl::kl_state_empty<float>();
       st = warp_merge(st, log2e_over_t);
       if (lane == 0) {
-        row_loss[row] = static_cast<float>(scale * kl::kl_state_finish(st, log2e_over_t));
-        row_stats = kl::kl_row_stats(st, grad_scale);
+        const double loss = kl::kl_state_finish(st, log2e_over_t);
+        row_loss[row] = static_cast<float>(scale * loss);
+        kl::KlRowStats stats = kl::kl_row_stats(st, grad_scale);
+        // A NaN row (NaN or +inf entries, or a teacher row of -inf only) has a NaN gradient everywhere, as in the
+        // reference; left alone, the finite entries would get finite values (found by the CPU emulator).
+        if (isnan(loss)) stats.teacher_coeff = stats.student_coeff = quiet_nan();
+        row_stats = stats;
       }
     }
     __syncthreads();

@@ -253,7 +253,11 @@ def asan_environment() -> dict[str, str]:
     """Python is not instrumented: the ASan runtime must be loaded first, and Python's own allocations are not ours
     to report as leaks."""
     libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    return {"LD_PRELOAD": libasan, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1",
+    # libstdc++ preloaded too: python does not link it, and ASan resolves the real __cxa_throw when it starts; without
+    # it, the first C++ exception (a TORCH_CHECK in a CUDA op's host code) aborts in ASan's interceptor.
+    libstdcxx = subprocess.run(["g++", "-print-file-name=libstdc++.so.6"], capture_output=True,
+                               text=True).stdout.strip()
+    return {"LD_PRELOAD": f"{libasan} {libstdcxx}", "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1",
             "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
 
 

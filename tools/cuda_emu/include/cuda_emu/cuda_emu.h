@@ -312,6 +312,12 @@ inline float __logf(float x) { return std::log(x); }
 inline float __frcp_rn(float x) { return 1.0f / x; }
 inline float __saturatef(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
 
+// isfinite / isnan / isinf at global scope, as CUDA's math headers declare them for device code (<cmath> puts them
+// in std:: only).
+using std::isfinite;
+using std::isinf;
+using std::isnan;
+
 // min / max as CUDA's math headers declare them for device code (the host has only std::min / std::max).
 #define CUDA_EMU_MINMAX(T)                              \
   inline T min(T a, T b) { return b < a ? b : a; }      \
