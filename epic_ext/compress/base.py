@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -58,17 +59,18 @@ class LayerContext:
         return lengths.pop(), self.max_keep
 
 
-class Compressor:
-    """Ranks visual tokens. Subclasses set the class attributes and implement select()."""
+class Compressor(abc.ABC):
+    """Ranks visual tokens. Subclasses set the class attributes and implement select() (a subclass without it
+    cannot be instantiated)."""
 
     name: str = ""
     needs_importance: bool = False  # FastV-style attention scores from layer K-1's query rows
     needs_key: bool = False  # layer K-1's post-RoPE keys
     min_layer: int = 0  # the first layer K it can prune at (at K = 0 scoring reads layer 0's own attention)
 
+    @abc.abstractmethod
     def select(self, ctx: LayerContext) -> torch.Tensor:
         """Returns int64 [B, max_keep]: kept visual positions per sample, ascending, -1 padded at the end."""
-        raise NotImplementedError
 
     def importance_from_attention(self, query: torch.Tensor, key: torch.Tensor, scaling: float | None,
                                   query_positions: torch.Tensor,
