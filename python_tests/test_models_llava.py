@@ -474,3 +474,23 @@ def test_supported_range_is_declared_consistently():
             if line.startswith("transformers==")]
     assert pins == [f"transformers=={_hf.MAX_TESTED_VERSION}"], "make test must run the newest tested release"
     assert f"transformers {_hf.MIN_VERSION[:4]}" in (root / "README.md").read_text()
+
+
+def test_decoding_after_pruning_at_layer_zero_continues_original_positions(model):
+    """At K = 0 cache layer 0 is pruned too, so its length is not the original one: a decoding step given no
+    position ids must still continue from the unpruned sequence's next position."""
+    batch = make_llava_batch(model, [[3, "img", 6]], seed=19)
+    length = batch["input_ids"].shape[1]
+    handle = apply_compression(model, "fastv", layer=0, keep=4)
+    try:
+        with torch.no_grad():
+            out = model(**batch, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            implicit = model(input_ids=token, use_cache=True, **_hf.cache_kwargs(_cache_of(out)))
+            out = model(**batch, use_cache=True)
+            explicit = model(input_ids=token, use_cache=True, position_ids=torch.tensor([[length]]),
+                             **_hf.cache_kwargs(_cache_of(out)))
+    finally:
+        handle.remove()
+    assert torch.equal(implicit.kept_positions, torch.tensor([[length]]))
+    torch.testing.assert_close(implicit.logits, explicit.logits, rtol=0, atol=0)

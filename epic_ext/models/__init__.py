@@ -1,5 +1,12 @@
-"""Hugging Face integration: visual-token compression inside LLaVA (transformers 5.x)."""
+"""Hugging Face integration: visual-token compression inside multimodal LLMs (transformers 5.x).
 
-from .llava import CompressionHandle, apply_compression, prompt_query_positions
+`apply_compression` dispatches on the model's class to its family's adapter (one module per family, each registered
+with engine.register_adapter on import); `supported_classes()` lists what it accepts.
+"""
 
-__all__ = ["apply_compression", "CompressionHandle", "prompt_query_positions"]
+from . import llava  # noqa: F401  (registers the adapter)
+from .engine import (CompressionHandle, FamilyAdapter, apply_compression, prompt_query_positions, register_adapter,
+                     supported_classes)
+
+__all__ = ["apply_compression", "CompressionHandle", "prompt_query_positions", "FamilyAdapter", "register_adapter",
+           "supported_classes"]
