@@ -1,9 +1,10 @@
 """Batches and an independent reference for the compression tests of the LLaVA-NeXT / LLaVA-OneVision families.
 
 Batches: per sample a layout like [3, ("img", (50, 40)), 6, ("video", 3), 2] (text-token counts, images of a given
-(height, width), videos of a given frame count). The number of placeholder tokens of each image / video comes from
-the model's own feature extractor (anyres crops, newline slots, video pooling), so samples with different image
-sizes get different visual-token counts exactly as the processor would write them.
+(height, width), videos of a given frame count). The number of placeholder tokens of each image comes from the
+model's own feature extractor (anyres crops, newline slots), each video's from the processor's rule (frames pooled
+2x2, one newline slot), so samples with different image sizes get different visual-token counts exactly as the
+processor would write them.
 
 Reference: the unpatched model with eager attention and output_attentions, run once on the full batch; FastV's
 kept set is ranked by hand from layer K-1's attention weights, DART's by test_compress_dart.reference_dart from keys
@@ -38,9 +39,11 @@ def _visual_lengths(model, image_pixels, image_sizes, video_pixels) -> tuple[lis
         for pixels, size in zip(image_pixels, image_sizes):
             features = _features(inner.get_image_features(pixels[None], torch.tensor([size])))
             images.append(int(features[0].shape[0]))
-        videos = []
-        for pixels in video_pixels:
-            videos.append(int(_features(inner.get_video_features(pixels[None])).shape[1]))
+    # A video: every frame pooled 2x2 (ceil), plus one newline slot after the last frame, as the processor writes it
+    # (5.17 appends that slot in forward, 5.24 in get_video_features, so the count is not read from either).
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    per_frame = math.ceil(grid / 2) ** 2
+    videos = [pixels.shape[0] * per_frame + 1 for pixels in video_pixels]
     return images, videos
 
 
