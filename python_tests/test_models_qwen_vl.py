@@ -21,6 +21,7 @@ pytest.importorskip("transformers")
 from epic_ext.models import _hf, apply_compression, supported_classes  # noqa: E402
 from epic_ext.models.tiny import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl  # noqa: E402
 from qwen_data import make_qwen_batch  # noqa: E402
+from test_compress_dart import reference_dart  # noqa: E402
 
 BUILDERS = {"qwen2_5_vl": build_tiny_qwen2_5_vl, "qwen3_vl": build_tiny_qwen3_vl}
 # Different image sizes (6, 2 + 4, 0, 0 image tokens), two images and a video in one sample, a text-only sample and a
@@ -45,36 +46,64 @@ def eager_copy(model):
     return ref
 
 
+class Reference:
+    """The unpatched eager model on the full sequence (every token at its 3-D M-RoPE position from the model's own
+    get_rope_index), with keys where keep_key [B, L] is False hidden from decoder layer `layer` on.
+
+    Attributes:
+        logits: [B, L, V].
+        attentions: the unpatched model's own attention weights per layer (no hiding: for FastV's ranking).
+        layer_inputs: [B, L, D] input of every decoder layer (deepstack levels of the layers before included).
+    """
+
+    def __init__(self, model, batch, layer, keep_key):
+        ref = eager_copy(model)
+        self.lm = lm = ref.model.language_model
+        seen = {}
+        hook = lm.register_forward_pre_hook(lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)
+        with torch.no_grad():
+            self.attentions = ref(**batch, output_attentions=True).attentions
+        hook.remove()
+        mask = batch["attention_mask"].bool()
+        length = mask.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        allowed_full = causal[None] & mask[:, None, :]
+        allowed_pruned = allowed_full & keep_key[:, None, :]
+        minimum = torch.finfo(torch.float32).min
+        self.positions = seen["position_ids"][-3:]  # [3, B, L] (t, h, w); generate's text row, if any, dropped
+        deepstack, visual_rows = seen.get("deepstack_visual_embeds"), seen.get("visual_pos_masks")
+        self.layer_inputs = []
+        with torch.no_grad():
+            hidden = seen["inputs_embeds"]
+            self.cos_sin = lm.rotary_emb(hidden, self.positions)
+            for i, decoder_layer in enumerate(lm.layers):
+                self.layer_inputs.append(hidden)
+                additive = torch.where(allowed_full if i < layer else allowed_pruned, 0.0, minimum)[:, None]
+                hidden = decoder_layer(hidden, attention_mask=additive, position_embeddings=self.cos_sin)
+                if deepstack is not None and i < len(deepstack):
+                    hidden = hidden.clone()
+                    hidden[visual_rows] = hidden[visual_rows] + deepstack[i]
+            self.layer_inputs.append(hidden)
+            self.logits = ref.lm_head(lm.norm(hidden))
+
+    def post_rope_keys(self, layer_idx):
+        """[B, Hkv, L, Dh] keys of decoder layer `layer_idx`, recomputed by hand (Qwen3-VL: per-head k_norm)."""
+        attention = self.lm.layers[layer_idx].self_attn
+        with torch.no_grad():
+            x = self.lm.layers[layer_idx].input_layernorm(self.layer_inputs[layer_idx])
+            batch_size, length = x.shape[:2]
+            key = attention.k_proj(x).view(batch_size, length, -1, attention.head_dim)
+            if hasattr(attention, "k_norm"):
+                key = attention.k_norm(key)
+            key = key.transpose(1, 2)
+            cos, sin = (t[:, None] for t in self.cos_sin)
+            half = key.shape[-1] // 2
+            rotated = torch.cat([-key[..., half:], key[..., :half]], dim=-1)
+            return key * cos + rotated * sin
+
+
 def masked_reference(model, batch, layer, keep_key):
-    """(logits [B, L, V] of the full sequence with keys where keep_key [B, L] is False hidden from decoder layer
-    `layer` on, the unpatched eager model's own output with attentions)."""
-    ref = eager_copy(model)
-    lm = ref.model.language_model
-    seen = {}
-    hook = lm.register_forward_pre_hook(lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)
-    with torch.no_grad():
-        out = ref(**batch, output_attentions=True)
-    hook.remove()
-    mask = batch["attention_mask"].bool()
-    length = mask.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    allowed_full = causal[None] & mask[:, None, :]
-    allowed_pruned = allowed_full & keep_key[:, None, :]
-    minimum = torch.finfo(torch.float32).min
-    positions = seen["position_ids"]  # [3, B, L] from get_rope_index (or [4, B, L] with a text row)
-    positions = positions[-3:]
-    deepstack, visual_rows = seen.get("deepstack_visual_embeds"), seen.get("visual_pos_masks")
-    with torch.no_grad():
-        hidden = seen["inputs_embeds"]
-        cos_sin = lm.rotary_emb(hidden, positions)
-        for i, decoder_layer in enumerate(lm.layers):
-            additive = torch.where(allowed_full if i < layer else allowed_pruned, 0.0, minimum)[:, None]
-            hidden = decoder_layer(hidden, attention_mask=additive, position_embeddings=cos_sin)
-            if deepstack is not None and i < len(deepstack):
-                hidden = hidden.clone()
-                hidden[visual_rows] = hidden[visual_rows] + deepstack[i]
-        logits = ref.lm_head(lm.norm(hidden))
-    return logits, out
+    return Reference(model, batch, layer, keep_key)
 
 
 def fastv_kept(model, batch, layer, keep, attentions):
@@ -91,6 +120,21 @@ def fastv_kept(model, batch, layer, keep, attentions):
         candidates = visual[b].nonzero().flatten()
         order = torch.sort(-importance[candidates], stable=True).indices[:keep]
         kept[b, candidates[order]] = True
+    return kept
+
+
+def dart_kept(model, batch, reference, layer, counts):
+    """[B, L] bool: DART's kept visual tokens by the per-sample fp64 reference of test_compress_dart (image_pivots=4,
+    text_pivots=4), from layer K-1's post-RoPE keys recomputed by hand and layer K's input (layer K-1's output with
+    its deepstack level)."""
+    visual = visual_mask(model, batch["input_ids"])
+    norm = reference.lm.norm
+    lists = reference_dart(reference.layer_inputs[layer], reference.post_rope_keys(layer - 1),
+                           norm.weight.double().tolist(), norm.variance_epsilon, visual,
+                           batch["attention_mask"].bool(), counts, image_pivots=4, text_pivots=4)
+    kept = torch.zeros_like(visual)
+    for b, positions in enumerate(lists):
+        kept[b, positions] = True
     return kept
 
 
@@ -127,9 +171,10 @@ def assert_rows_match(out, batch, reference_logits):
 def test_fastv_matches_masked_eager_reference(model, padding, layer, keep):
     # Qwen3-VL's three deepstack levels are added after layers 0, 1, 2: K = 0..3 prunes before, between and after them.
     batch = make_qwen_batch(model, MIXED, padding=padding, seed=layer * 10 + keep)
-    _, full = masked_reference(model, batch, layer, torch.ones_like(batch["attention_mask"], dtype=torch.bool))
+    full = masked_reference(model, batch, layer, torch.ones_like(batch["attention_mask"], dtype=torch.bool))
     expected_kept = fastv_kept(model, batch, layer, keep, full.attentions)
-    expected_logits, _ = masked_reference(model, batch, layer, ~visual_mask(model, batch["input_ids"]) | expected_kept)
+    keep_key = ~visual_mask(model, batch["input_ids"]) | expected_kept
+    expected_logits = masked_reference(model, batch, layer, keep_key).logits
     out = compressed(model, batch, "fastv", layer=layer, keep=keep)
     visual = visual_mask(model, batch["input_ids"])
     for b in range(len(MIXED)):
@@ -143,25 +188,28 @@ def test_fastv_matches_masked_eager_reference(model, padding, layer, keep):
 @pytest.mark.parametrize("method, kwargs", [("dart", {}), ("random", {"generator": 3})])
 @pytest.mark.parametrize("amount", [{"keep": 4}, {"ratio": 0.5}])
 @pytest.mark.parametrize("padding", ["left", "right"])
-def test_methods_match_masked_reference(model, method, kwargs, amount, padding):
-    """DART and Random: the kept set comes from the patched forward; every kept row's logits equal the reference
-    with that set, text is never dropped, and each sample keeps `keep` (or round((1 - ratio) * n)) of ALL its visual
-    tokens, images and video together."""
+@pytest.mark.parametrize("layer", [1, 3])
+def test_methods_match_masked_reference(model, method, kwargs, amount, padding, layer):
+    """DART (its kept set ranked by the fp64 per-sample reference) and Random (the kept set the patched forward
+    reports): every kept row's logits equal the reference with that set, text is never dropped, and each sample
+    keeps `keep` (or round((1 - ratio) * n)) of ALL its visual tokens, images and video together."""
     if "generator" in kwargs:
         kwargs = {"generator": torch.Generator().manual_seed(kwargs["generator"])}
-    batch = make_qwen_batch(model, MIXED, padding=padding, seed=5)
-    out = compressed(model, batch, method, layer=2, **amount, **kwargs)
-    keep_key = kept_key_of(model, batch["input_ids"], out.kept_positions)
-    expected_logits, _ = masked_reference(model, batch, 2, keep_key)
-    assert_rows_match(out, batch, expected_logits)
+    batch = make_qwen_batch(model, MIXED, padding=padding, seed=5 + layer)
+    counts = [0 if n == 0 else amount.get("keep", int((1 - amount.get("ratio", 0)) * n + 0.5)) for n in VISUAL_COUNTS]
+    out = compressed(model, batch, method, layer=layer, **amount, **kwargs)
     visual = visual_mask(model, batch["input_ids"])
     real = batch["attention_mask"].bool()
     for b, n in enumerate(VISUAL_COUNTS):
         assert int(visual[b].sum()) == n
-        want = 0 if n == 0 else amount.get("keep", int((1 - amount.get("ratio", 0)) * n + 0.5))
         positions = out.kept_positions[b][out.kept_positions[b] >= 0]
-        assert int(visual[b, positions].sum()) == want, b
+        assert int(visual[b, positions].sum()) == counts[b], b
         assert set((real[b] & ~visual[b]).nonzero().flatten().tolist()) <= set(positions.tolist())
+    keep_key = kept_key_of(model, batch["input_ids"], out.kept_positions)
+    if method == "dart":
+        full = masked_reference(model, batch, layer, torch.ones_like(keep_key))
+        assert torch.equal(keep_key & visual, dart_kept(model, batch, full, layer, counts))
+    assert_rows_match(out, batch, masked_reference(model, batch, layer, keep_key).logits)
 
 
 def test_ratio_zero_and_remove_reproduce_unpatched(model):
@@ -241,7 +289,7 @@ def _reference_greedy(model, single, layer, keep_key, steps):
     single = dict(single)
     tokens, logits = [], []
     for _ in range(steps):
-        step_logits, _ = masked_reference(model, single, layer, keep_key)
+        step_logits = masked_reference(model, single, layer, keep_key).logits
         next_token = step_logits[0, -1].argmax()
         tokens.append(int(next_token))
         logits.append(step_logits[0, -1])
