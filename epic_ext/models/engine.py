@@ -56,6 +56,9 @@ shared by every handle):
         `deepstack_visual_embeds` / `visual_pos_masks`) before the rest reaches the decoder layers, and returns an
         object whose `after_layer(layer_idx, hidden_states)` re-applies them after each decoder layer and whose
         `prune(kept, visual_mask)` narrows them to the kept rows. The default pops nothing.
+    multimodal_call(handle, module, args, kwargs) -> (args, kwargs) | None: called by the pre-hook of
+        `multimodal_module` after the visual mask is read; may return changed call arguments (Qwen: decoding
+        positions after a K = 0 prefill, see `CompressionHandle.unpruned_cache_length`). The default changes nothing.
 Decoding positions: the engine never invents decode positions when the caller gives them (LLaVA's generate passes
 attention-mask-based ids; Qwen's model adds `rope_deltas`). When none are given it uses `default_position_ids`
 with past_length = the cache's unpruned length (layer 0 holds every token unless K = 0; at K = 0 the engine adds
@@ -158,6 +161,10 @@ class FamilyAdapter(abc.ABC):
     def begin_call(self, language_model, kwargs: dict) -> CallExtras:
         """Pops family-specific language-model kwargs; the default has none."""
         return CallExtras()
+
+    def multimodal_call(self, handle, module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Changed (args, kwargs) for the multimodal module's forward, or None (the default) to leave them."""
+        return None
 
 
 _ADAPTERS: list[FamilyAdapter] = []
@@ -395,7 +402,7 @@ class CompressionHandle:
         self.last_kept_positions = None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._inputs.image_mask = self.adapter.visual_mask(module, input_ids, kwargs.get("inputs_embeds"))
-        return None
+        return self.adapter.multimodal_call(self, module, args, kwargs)
 
 
 def validate_amount(ratio, keep) -> None:
