@@ -328,27 +328,31 @@ def test_generate_decodes_at_unpruned_positions(model, layer):
 
 @pytest.mark.parametrize("layer", [2, 0])
 def test_forward_decoding_loop_uses_unpruned_positions(model, layer):
-    """A hand-written cached loop (no generate): with no position_ids the model adds rope_deltas to the cache length,
-    which layer 0 (never pruned at K >= 1) keeps at the unpruned length. At K = 0 layer 0 is pruned as well, so the
-    loop passes the positions itself (documented): the unpruned length + rope_deltas."""
+    """A hand-written cached loop (no generate, no position_ids): the model adds rope_deltas to the cache length,
+    which layer 0 (never pruned at K >= 1) keeps at the unpruned length; at K = 0 layer 0 is pruned too and the
+    adapter hands the model the unpruned positions."""
     layouts = [[3, ("img", 4, 6), 5]]
     batch = make_qwen_batch(model, layouts, seed=6)
     handle = apply_compression(model, "fastv", layer=layer, keep=2)
     try:
         with torch.no_grad():
             first = model(**batch, use_cache=True)
-            next_token = first.logits[0, -1].argmax().view(1, 1)
-            step = {}
+            cache = _hf.output_cache(first)
             if layer == 0:
-                position = batch["input_ids"].shape[1] + model.model.rope_deltas
-                step["position_ids"] = position.view(1, 1, 1).expand(3, 1, 1)
-            second = model(input_ids=next_token, **step, **_hf.cache_kwargs(_hf.output_cache(first)))
+                assert _hf.cache_length(cache) < batch["input_ids"].shape[1], "layer 0 is pruned at K = 0"
+            tokens = [int(first.logits[0, -1].argmax())]
+            logits = []
+            for _ in range(2):
+                step = model(input_ids=torch.tensor([tokens[-1:]]), **_hf.cache_kwargs(cache))
+                logits.append(step.logits[0, -1])
+                tokens.append(int(step.logits[0, -1].argmax()))
     finally:
         handle.remove()
     keep_key = kept_key_of(model, batch["input_ids"], first.kept_positions)
-    tokens, logits = _reference_greedy(model, batch, layer, keep_key, 2)
-    assert int(next_token) == tokens[0]
-    torch.testing.assert_close(second.logits[0, -1], logits[1], rtol=1e-5, atol=1e-5)
+    want_tokens, want_logits = _reference_greedy(model, batch, layer, keep_key, 3)
+    assert tokens == want_tokens
+    for got, want in zip(logits, want_logits[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_labels_loss_on_pruned_logits(model):

@@ -320,3 +320,10 @@ def qwen_add_deepstack(hidden_states: torch.Tensor, visual_pos_masks: torch.Tens
     hidden_states[visual_pos_masks, :] = hidden_states[visual_pos_masks, :] + visual_embeds.to(
         hidden_states.device, hidden_states.dtype)
     return hidden_states
+
+
+def qwen_rope_deltas(model_module) -> torch.Tensor | None:
+    """Qwen2_5_VLModel / Qwen3VLModel.rope_deltas [B|1, 1]: stored by get_rope_index at the prefill (q25:1151,
+    q3:1115). Decoding without position_ids and without an attention mask adds it to `cache.get_seq_length()`
+    (compute_3d_position_ids, q25:1156-1167, q3:1119-1130), i.e. to cache layer 0's length."""
+    return getattr(model_module, "rope_deltas", None)

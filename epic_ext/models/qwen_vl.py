@@ -13,9 +13,9 @@
   1), which must not read the gaps of a pruned sequence as sequence boundaries.
 - Decoding: generate() passes every step's ids (the prompt's last ids + 1 per step on every row: the unpruned length
   + rope_deltas); a hand-written cached loop without position_ids gets `cache.get_seq_length() + rope_deltas` from
-  the model, and cache layer 0 holds every token for K >= 1. Either way new tokens continue from the unpruned
-  sequence's next position. At K = 0 layer 0 is pruned too: generate() is still right (it passes the ids), a
-  hand-written loop must pass position_ids itself.
+  the model, and cache layer 0 holds every token for K >= 1. At K = 0 layer 0 is pruned too: the adapter then
+  passes the model the ids it would compute without pruning (`multimodal_call`, from the engine's unpruned cache
+  length). Either way new tokens continue from the unpruned sequence's next position.
 - Qwen3-VL deepstack: the vision tower's intermediate features (one level per `deepstack_visual_indexes` entry) are
   added to the visual rows after decoder layers 0, 1, ... Levels added after layers < K act on the full sequence, as
   in the unpruned model (level K-1 included: layer K's input, which DART compares, carries it). At the pruning,
@@ -66,6 +66,28 @@ class _QwenAdapter(FamilyAdapter):
 
     def split_position_ids(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return _hf.qwen_split_position_ids(position_ids)
+
+    def multimodal_call(self, handle, module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Decoding without position ids or attention mask after a K = 0 prefill: the model would add rope_deltas to
+        `cache.get_seq_length()`, i.e. to layer 0's length, which a K = 0 pruning shortened; pass the ids the
+        unpatched model computes instead (the unpruned length + rope_deltas). Otherwise the model's own ids are
+        right (layer 0 holds every token for K >= 1; generate passes ids) and nothing changes."""
+        cache = kwargs.get(_hf.cache_keyword())
+        if cache is None or kwargs.get("position_ids") is not None or kwargs.get("attention_mask") is not None:
+            return None
+        unpruned = handle.unpruned_cache_length(cache)
+        rope_deltas = _hf.qwen_rope_deltas(module)
+        if unpruned == _hf.cache_length(cache) or rope_deltas is None:
+            return None
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if tokens is None:
+            return None
+        batch, length = tokens.shape[:2]
+        deltas = rope_deltas.to(tokens.device).repeat_interleave(batch // rope_deltas.shape[0], dim=0)  # [B, 1]
+        ids = torch.arange(length, device=tokens.device)[None] + unpruned + deltas  # [B, L]
+        return args, {**kwargs, "position_ids": ids[None].expand(3, batch, length)}
 
     def gather_position_ids(self, position_ids: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """The M-RoPE rows at the kept positions ([3, B, L']); the text row is dropped (see the module docstring)."""
