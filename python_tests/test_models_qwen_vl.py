@@ -371,6 +371,33 @@ def test_labels_loss_on_pruned_logits(model):
     assert abs(out.loss.item() - losses / count) < 1e-5
 
 
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_gradient_checkpointing_matches(family):
+    """Training through the pruning (deepstack rows narrowed inside the autograd graph) gives the same gradients,
+    vision tower included, with activation checkpointing."""
+    model = BUILDERS[family](seed=1)
+    model.train()
+    batch = make_qwen_batch(model, MIXED, padding="left", seed=10)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            _hf.enable_activation_checkpointing(model, use_reentrant=False)
+        handle = apply_compression(model, "fastv", layer=1, keep=3)
+        model.zero_grad()
+        out = model(**batch, labels=labels)
+        out.loss.backward()
+        handle.remove()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    _hf.disable_activation_checkpointing(model)
+    assert grads[0].keys() == grads[1].keys()
+    assert any(name.startswith("model.visual") for name in grads[0]), "the vision tower gets gradients"
+    if family == "qwen3_vl":  # every deepstack level, the ones added after the pruning (layers 1, 2) included
+        assert all(any(f"deepstack_merger_list.{level}." in name for name in grads[0]) for level in range(3))
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_eager_and_sdpa_models_prune_alike(model):
     """The scoring capture inside the model's own attention works with eager attention too (Qwen's modeling files
     define their own eager_attention_forward)."""
