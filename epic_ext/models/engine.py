@@ -694,7 +694,8 @@ def apply_compression(model, method: str = "fastv", layer: int = 2, ratio: float
 
     Args:
         model: a transformers model of a supported family (`supported_classes()`: LlavaForConditionalGeneration,
-            LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration and their *Model classes),
+            LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration,
+            Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration and their *Model classes),
             transformers 5.x.
         method: "fastv", "dart", "random" or a name registered with epic_ext.compress.register_compressor.
         layer: K, the decoder layer whose input is pruned. Scoring methods read layer K-1's attention; at K = 0
