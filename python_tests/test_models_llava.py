@@ -496,3 +496,32 @@ def test_decoding_after_pruning_at_layer_zero_continues_original_positions(model
         handle.remove()
     assert torch.equal(implicit.kept_positions, torch.tensor([[length]]))
     torch.testing.assert_close(implicit.logits, explicit.logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_layers_after_pruning_get_no_gapped_position_ids(model, layer):
+    """Flash attention reads the position ids a decoder layer receives: a batch of one whose ids have gaps is taken
+    for packed sequences (transformers' _is_packed_sequence) and attends within each run of consecutive ids. The
+    kept tokens' positions have gaps, so layers from K on must not receive them (RoPE comes from the position
+    embeddings). Checked with the packed-sequence test itself on what every layer gets, prefill and decode."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    batch = make_llava_batch(model, [[3, "img", 6]], seed=23)
+    received: dict[int, list] = {}
+    hooks = [decoder_layer.register_forward_pre_hook(
+        lambda module, args, kwargs, i=i: received.setdefault(i, []).append(kwargs.get("position_ids")),
+        with_kwargs=True) for i, decoder_layer in enumerate(model.model.language_model.layers)]
+    handle = apply_compression(model, "fastv", layer=layer, keep=5)
+    try:
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    finally:
+        handle.remove()
+        for hook in hooks:
+            hook.remove()
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3
+    for i, calls in received.items():
+        assert len(calls) == 3  # prefill + two decoding steps
+        for ids in calls:
+            assert not (ids is not None and _is_packed_sequence(ids, 1)), f"layer {i} gets gapped ids {ids}"
+    assert all(ids is None for i, calls in received.items() if i >= layer for ids in calls[:1])

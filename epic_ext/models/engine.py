@@ -581,8 +581,13 @@ def _make_language_model_forward(handle: CompressionHandle):
             layer_kwargs = kwargs
             if capture is not None and layer_idx == prune_layer - 1 and capture.wants_attention:
                 layer_kwargs = {**kwargs, CAPTURE_KWARG: capture}
+            # From the pruning on, the kept tokens' positions have gaps. The layers need no position ids (RoPE comes
+            # from position_embeddings, the mask is built), and flash attention would read gapped ids of a batch
+            # of one as packed sequences (transformers' _is_packed_sequence) and attend within each run only.
+            pruned_here = (plan.prune or decode_on_pruned) and layer_idx >= prune_layer
             hidden_states = _hf.decoder_layer_call(decoder_layer, hidden_states, attention_mask=causal_mask,
-                                                   position_embeddings=position_embeddings, position_ids=text_ids,
+                                                   position_embeddings=position_embeddings,
+                                                   position_ids=None if pruned_here else text_ids,
                                                    cache=cache, use_cache=use_cache, **layer_kwargs)
             hidden_states = extras.after_layer(layer_idx, hidden_states)
         hidden_states = self.norm(hidden_states)
