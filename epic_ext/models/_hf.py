@@ -276,3 +276,47 @@ def disable_activation_checkpointing(model) -> None:
         model.activation_checkpointing_disable()
     else:
         model.gradient_checkpointing_disable()
+
+
+# ------------------------------------------------------------------------------------------------------- Qwen --
+# Qwen2_5_VLTextModel / Qwen3VLTextModel, the same conventions in 5.17 and 5.24 (line numbers of 5.24's
+# q25 = models/qwen2_5_vl/modeling_qwen2_5_vl.py and q3 = models/qwen3_vl/modeling_qwen3_vl.py):
+# - position ids arrive as [3, B, L] (get_rope_index: t, h, w) or [4, B, L] (generate's
+#   _prepare_position_ids_for_generation prepends the 1-D text row); the forwards split them (q25:817-823,
+#   q3:795-799) and give the text row to create_causal_mask and the decoder layers' position_ids=.
+# - The rotary embedding takes the 3 M-RoPE rows; 5.17's indexes position_ids[:, :, None, :] and sizes by
+#   position_ids.shape[1], so it needs [3, B, L] with the full batch (5.24 expands [B, L] itself).
+# - Qwen3-VL's deepstack: the language model receives visual_pos_masks and deepstack_visual_embeds (q3:1235-1243) and
+#   adds level i after decoder layer i (q3:826-832, _deepstack_process q3:841).
+# - A sliding-window Qwen2.5-VL builds one mask per config.layer_types entry (q25:834-842): refused by the engine.
+QWEN_TEXT_ROWS = 1  # [4, B, L] position ids: row 0 is the 1-D "text" position, rows 1..3 are M-RoPE (t, h, w)
+QWEN_ROPE_ROWS = 3
+
+
+def qwen_split_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The text models' split of their position ids: [4, B, L] -> (rows 1..3 for the rotary embedding, row 0 for
+    create_causal_mask and the decoder layers' `position_ids=`); [3, B, L] -> (all rows, None). The text row only
+    feeds packed-sequence detection (the mask builder with no 2-D mask and no cache; flash attention with batch 1)."""
+    if position_ids.dim() != 3 or position_ids.shape[0] not in (QWEN_ROPE_ROWS, QWEN_ROPE_ROWS + QWEN_TEXT_ROWS):
+        raise ValueError(f"position_ids: expected [3, B, L] or [4, B, L] M-RoPE ids, got {tuple(position_ids.shape)}")
+    if position_ids.shape[0] == QWEN_ROPE_ROWS + QWEN_TEXT_ROWS:
+        return position_ids[QWEN_TEXT_ROWS:], position_ids[0]
+    return position_ids, None
+
+
+def qwen_pop_deepstack(kwargs: dict) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
+    """Qwen3VLModel hands the language model `visual_pos_masks` [B, L] bool (image | video tokens) and
+    `deepstack_visual_embeds`, one [n_visual, D] tensor per vision deepstack level, rows in the row-major order of
+    visual_pos_masks; both None on decoding steps. Popped so they do not reach the decoder layers."""
+    return kwargs.pop("visual_pos_masks", None), kwargs.pop("deepstack_visual_embeds", None)
+
+
+def qwen_add_deepstack(hidden_states: torch.Tensor, visual_pos_masks: torch.Tensor,
+                       visual_embeds: torch.Tensor) -> torch.Tensor:
+    """Qwen3VLTextModel._deepstack_process: level i is added to the visual rows after decoder layer i (out of place:
+    the layer output may be needed by autograd)."""
+    visual_pos_masks = visual_pos_masks.to(hidden_states.device)
+    hidden_states = hidden_states.clone()
+    hidden_states[visual_pos_masks, :] = hidden_states[visual_pos_masks, :] + visual_embeds.to(
+        hidden_states.device, hidden_states.dtype)
+    return hidden_states
