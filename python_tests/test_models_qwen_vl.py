@@ -256,23 +256,59 @@ def test_generate_decodes_at_unpruned_positions(model, layer):
             torch.testing.assert_close(generated.logits[step][b], logits[step], rtol=1e-5, atol=1e-5)
 
 
-def test_forward_decoding_loop_uses_unpruned_positions(model):
-    """A hand-written cached loop (no generate, no position_ids): the model adds rope_deltas to the cache length,
-    which layer 0 (never pruned at K >= 1) keeps at the unpruned length."""
+@pytest.mark.parametrize("layer", [2, 0])
+def test_forward_decoding_loop_uses_unpruned_positions(model, layer):
+    """A hand-written cached loop (no generate): with no position_ids the model adds rope_deltas to the cache length,
+    which layer 0 (never pruned at K >= 1) keeps at the unpruned length. At K = 0 layer 0 is pruned as well, so the
+    loop passes the positions itself (documented): the unpruned length + rope_deltas."""
     layouts = [[3, ("img", 4, 6), 5]]
     batch = make_qwen_batch(model, layouts, seed=6)
-    handle = apply_compression(model, "fastv", layer=2, keep=2)
+    handle = apply_compression(model, "fastv", layer=layer, keep=2)
     try:
         with torch.no_grad():
             first = model(**batch, use_cache=True)
             next_token = first.logits[0, -1].argmax().view(1, 1)
-            second = model(input_ids=next_token, **_hf.cache_kwargs(_hf.output_cache(first)))
+            step = {}
+            if layer == 0:
+                position = batch["input_ids"].shape[1] + model.model.rope_deltas
+                step["position_ids"] = position.view(1, 1, 1).expand(3, 1, 1)
+            second = model(input_ids=next_token, **step, **_hf.cache_kwargs(_hf.output_cache(first)))
     finally:
         handle.remove()
     keep_key = kept_key_of(model, batch["input_ids"], first.kept_positions)
-    tokens, logits = _reference_greedy(model, batch, 2, keep_key, 2)
+    tokens, logits = _reference_greedy(model, batch, layer, keep_key, 2)
     assert int(next_token) == tokens[0]
     torch.testing.assert_close(second.logits[0, -1], logits[1], rtol=1e-5, atol=1e-5)
+
+
+def test_labels_loss_on_pruned_logits(model):
+    batch = make_qwen_batch(model, MIXED, padding="left", seed=7)
+    labels = batch["input_ids"].clone()
+    labels[:, :-4] = -100  # supervise the last tokens only
+    out = compressed(model, batch, "fastv", layer=2, keep=3, call=lambda: model(**batch, labels=labels))
+    losses, count = 0.0, 0
+    for b in range(labels.shape[0]):
+        for slot, position in enumerate(out.kept_positions[b].tolist()):
+            if position < 0 or position + 1 >= labels.shape[1] or labels[b, position + 1] == -100:
+                continue
+            losses += torch.nn.functional.cross_entropy(out.logits[b, slot][None], labels[b, position + 1][None]).item()
+            count += 1
+    assert count > 0
+    assert abs(out.loss.item() - losses / count) < 1e-5
+
+
+def test_eager_and_sdpa_models_prune_alike(model):
+    """The scoring capture inside the model's own attention works with eager attention too (Qwen's modeling files
+    define their own eager_attention_forward)."""
+    family = "qwen3_vl" if type(model).__name__.startswith("Qwen3") else "qwen2_5_vl"
+    eager = BUILDERS[family](seed=0, attn_implementation="eager")
+    batch = make_qwen_batch(model, MIXED, padding="right", seed=8)
+    want = compressed(model, batch, "dart", layer=1, keep=3)
+    got = compressed(eager, batch, "dart", layer=1, keep=3)
+    assert torch.equal(got.kept_positions, want.kept_positions)
+    kept = want.kept_positions
+    rows = (kept >= 0) & batch["attention_mask"].gather(1, kept.clamp(min=0)).bool()  # not the padding slots or pads
+    torch.testing.assert_close(got.logits[rows], want.logits[rows], rtol=1e-5, atol=1e-5)
 
 
 def test_qwen2_5_vl_sliding_window_layers_are_refused():
