@@ -204,13 +204,35 @@ def test_batched_generate_equals_per_sample(model, method):
     batch = make_qwen_batch(model, layouts, padding="left", seed=3)
     handle = apply_compression(model, method, layer=2, keep=3)
     try:
+        settings = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
         with torch.no_grad():
-            batched = model.generate(**batch, max_new_tokens=6, do_sample=False)
+            batched = model.generate(**batch, **settings)
             for b in range(len(layouts)):
-                one = model.generate(**_alone(model, layouts, b, 3), max_new_tokens=6, do_sample=False)
-                assert torch.equal(batched[b, -6:], one[0, -6:]), f"sample {b}"
+                one = model.generate(**_alone(model, layouts, b, 3), **settings)
+                assert torch.equal(batched.sequences[b, -6:], one.sequences[0, -6:]), f"sample {b}"
+                for step_batched, step_one in zip(batched.logits, one.logits):
+                    torch.testing.assert_close(step_batched[b], step_one[0], rtol=1e-5, atol=1e-5)
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("method", ["fastv", "dart"])
+def test_cached_generate_equals_uncached_generate(model, method):
+    """generate(use_cache=False) runs the whole sequence (vision included) at every step and ranks with the prompt's
+    last token, so it keeps the tokens cached generation keeps and decodes the same, logits included."""
+    layouts = [[3, ("img", 4, 6), 5], [2, ("img", 2, 4), 3, ("vid", 2, 4, 4), 1]]
+    batch = make_qwen_batch(model, layouts, padding="left", seed=9)
+    handle = apply_compression(model, method, layer=2, keep=3)
+    try:
+        with torch.no_grad():
+            settings = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+            cached = model.generate(**batch, **settings)
+            uncached = model.generate(**batch, **settings, use_cache=False)
+    finally:
+        handle.remove()
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for step_cached, step_uncached in zip(cached.logits, uncached.logits):
+        torch.testing.assert_close(step_cached, step_uncached, rtol=1e-5, atol=1e-5)
 
 
 def _reference_greedy(model, single, layer, keep_key, steps):
