@@ -1,9 +1,14 @@
-"""Prefill FLOPs, KV-cache bytes and measured latency of LLaVA with visual-token compression.
+"""Prefill FLOPs, KV-cache bytes and measured latency of multimodal LLMs with visual-token compression.
 
 Compression at decoder layer K keeps `kept` of the `n_visual` visual tokens: layers < K see all n prompt tokens,
 layers >= K see n' = n - n_visual + kept (text is never dropped), and their KV cache is n' long.
 
+Built-in language-model shapes (written in code, no download): LLaVA-1.5 7B/13B, LLaVA-NeXT (vicuna-7b,
+mistral-7b), LLaVA-OneVision-7B, Qwen2.5-VL-7B, Qwen3-VL-8B. Families with anyres or dynamic resolution have no
+fixed visual-token count: each shape carries a documented typical count, and `--visual-tokens` sets another.
+
     python -m epic_ext.efficiency --model llava-1.5-7b --layer 2 --keep 576 192 128 64
+    python -m epic_ext.efficiency --model qwen2.5-vl-7b --visual-tokens 1296 --keep 1296 324 144
     python -m epic_ext.efficiency --measure --tiny --device cpu     # random weights, CPU smoke run
 """
 
@@ -39,12 +44,34 @@ class LMShape:
     kv_heads: int
     head_dim: int
     vocab: int
-    visual_tokens: int = 576  # per image
+    visual_tokens: int = 576  # per sample: one image (LLaVA-1.5), or a typical anyres / dynamic count (see below)
+    family: str = "llava"  # the transformers model_type of the multimodal model
 
 
+# The language models' dimensions, from the released checkpoints' config.json (transformers ports):
+# - llava-1.5-7b / -13b: Vicuna-7B / -13B, vocab 32064 (32000 + <image> + padding to 64). 576 = (336 / 14)^2.
+# - llava-next-vicuna-7b (llava-hf/llava-v1.6-vicuna-7b-hf): Vicuna-7B as above. llava-next-mistral-7b
+#   (llava-hf/llava-v1.6-mistral-7b-hf): Mistral-7B-Instruct-v0.2, 14336 MLP, 8 KV heads, vocab 32064. 2928 visual
+#   tokens = a 672x672 image: base crop 576 + a 2x2 grid of 336-px crops (48 x 48 = 2304) + 48 newline slots (the
+#   image feature size vLLM's configs use for these checkpoints).
+# - llava-onevision-7b (llava-hf/llava-onevision-qwen2-7b-ov-hf): Qwen2-7B-Instruct (28 layers, d 3584, MLP 18944,
+#   28 heads / 4 KV heads of 128), vocab 152128 (152064 + <image>, <video>, padded to 64 by the conversion script).
+#   3699 visual tokens = a 768x768 image: base 729 = (384 / 14)^2 + a 2x2 grid of 384-px crops (54 x 54 = 2916) + 54
+#   newline slots. A video costs 196 tokens per frame (27 x 27 pooled to 14 x 14) + 1: 32 frames = 6273.
+# - qwen2.5-vl-7b (Qwen/Qwen2.5-VL-7B-Instruct): 28 layers, d 3584, MLP 18944, 28 heads / 4 KV heads of 128, vocab
+#   152064 (its module printout: embed_tokens 152064 x 3584, k_proj 3584 -> 512). 1296 visual tokens = a 1008x1008
+#   image: (1008 / 14)^2 patches merged 2x2.
+# - qwen3-vl-8b (Qwen/Qwen3-VL-8B-Instruct): Qwen3-8B text model, 36 layers, d 4096, MLP 12288, 32 heads / 8 KV heads
+#   of 128, vocab 151936 (torchtitan's Qwen3-VL 8B flavour mirrors the config). 1024 visual tokens = a 1024x1024
+#   image: (1024 / 16)^2 patches merged 2x2.
 BUILTIN_SHAPES = {
     "llava-1.5-7b": LMShape("llava-1.5-7b", 32, 4096, 11008, 32, 32, 128, 32064),  # Vicuna-7B
     "llava-1.5-13b": LMShape("llava-1.5-13b", 40, 5120, 13824, 40, 40, 128, 32064),  # Vicuna-13B
+    "llava-next-vicuna-7b": LMShape("llava-next-vicuna-7b", 32, 4096, 11008, 32, 32, 128, 32064, 2928, "llava_next"),
+    "llava-next-mistral-7b": LMShape("llava-next-mistral-7b", 32, 4096, 14336, 32, 8, 128, 32064, 2928, "llava_next"),
+    "llava-onevision-7b": LMShape("llava-onevision-7b", 28, 3584, 18944, 28, 4, 128, 152128, 3699, "llava_onevision"),
+    "qwen2.5-vl-7b": LMShape("qwen2.5-vl-7b", 28, 3584, 18944, 28, 4, 128, 152064, 1296, "qwen2_5_vl"),
+    "qwen3-vl-8b": LMShape("qwen3-vl-8b", 36, 4096, 12288, 32, 8, 128, 151936, 1024, "qwen3_vl"),
 }
 
 
@@ -52,14 +79,14 @@ def _shape_from_config(config, name: str) -> LMShape:
     text = getattr(config, "text_config", None) or config
     visual = getattr(config, "image_seq_length", None)
     vision = getattr(config, "vision_config", None)
-    if visual is None and vision is not None:
-        visual = (vision.image_size // vision.patch_size) ** 2
+    if visual is None and getattr(vision, "image_size", None) and getattr(vision, "patch_size", None):
+        visual = (vision.image_size // vision.patch_size) ** 2  # one crop; anyres / dynamic: pass visual_tokens
     heads = text.num_attention_heads
     return LMShape(name=name, layers=text.num_hidden_layers, hidden=text.hidden_size,
                    intermediate=text.intermediate_size, heads=heads,
                    kv_heads=getattr(text, "num_key_value_heads", None) or heads,
                    head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=text.vocab_size,
-                   visual_tokens=int(visual or 0))
+                   visual_tokens=int(visual or 0), family=getattr(config, "model_type", None) or "llava")
 
 
 def _load_config(path: str):
@@ -175,12 +202,13 @@ def cache_bytes(cache) -> int:
 
 
 def report(model="llava-1.5-7b", keeps: Sequence[int] | None = None, layer: int = 2, text_tokens: int = 64,
-           batch: int = 1, dtype: str = "bf16", method: str = "fastv") -> list[dict]:
-    """Theoretical prefill FLOPs and KV cache for several kept-token settings (one image per sample).
+           batch: int = 1, dtype: str = "bf16", method: str = "fastv", visual_tokens: int | None = None) -> list[dict]:
+    """Theoretical prefill FLOPs and KV cache for several kept-token settings.
 
     Args:
         model: anything model_shape accepts.
         keeps: visual tokens kept per setting; default all, 1/3, 2/9, 1/9 (576/192/128/64 for LLaVA-1.5).
+        visual_tokens: visual tokens per sample (all its images and frames); default the shape's visual_tokens.
         layer: compression layer K. text_tokens: prompt tokens besides the image. batch: samples.
         dtype: "fp32" / "fp16" / "bf16", the KV-cache element type.
         method: the compressor (sets the lowest allowed K; its scoring cost is not counted).
@@ -193,7 +221,14 @@ def report(model="llava-1.5-7b", keeps: Sequence[int] | None = None, layer: int 
     from .compress import get_compressor  # noqa: PLC0415
 
     shape = model_shape(model)
+    if visual_tokens is not None:
+        if isinstance(visual_tokens, bool) or not isinstance(visual_tokens, int) or visual_tokens < 1:
+            raise ValueError(f"visual_tokens must be an int >= 1 (visual tokens per sample), got {visual_tokens!r}")
+        shape = dataclasses.replace(shape, visual_tokens=visual_tokens)
     n_visual = shape.visual_tokens
+    if n_visual < 1:
+        raise ValueError(f"visual_tokens: {shape.name} has no fixed visual-token count (anyres or dynamic "
+                         "resolution); give the count per sample")
     keeps = list([n_visual, n_visual // 3, 2 * n_visual // 9, n_visual // 9] if keeps is None else keeps)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -201,7 +236,7 @@ def report(model="llava-1.5-7b", keeps: Sequence[int] | None = None, layer: int 
         raise ValueError(f"text_tokens must be >= 0 and batch >= 1, got text_tokens={text_tokens}, batch={batch}")
     for keep in keeps:
         if not (isinstance(keep, int) and 0 <= keep <= n_visual):
-            raise ValueError(f"keep must be in [0, {n_visual}] (visual tokens per image of {shape.name}), got {keep!r}")
+            raise ValueError(f"keep must be in [0, {n_visual}] (visual tokens per sample of {shape.name}), got {keep!r}")
     low = get_compressor(method).min_layer
     if not isinstance(layer, int) or not (low <= layer < shape.layers):
         raise ValueError(f"layer must be in [{low}, {shape.layers - 1}] for method {method!r} on {shape.name} "
@@ -367,7 +402,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:])
 
 
-_OPTIONS = ("keep", "layers", "layer", "model", "dtype", "device", "text_tokens", "batch")
+_OPTIONS = ("keep", "layers", "layer", "model", "dtype", "device", "text_tokens", "batch", "visual_tokens", "measure")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -379,6 +414,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, nargs="+", help="visual tokens kept (default 576 192 128 64)")
     p.add_argument("--method", default="fastv", help="compressor for --measure (fastv, dart, random)")
     p.add_argument("--text-tokens", type=int, default=64, help="prompt text tokens besides the image")
+    p.add_argument("--visual-tokens", type=int,
+                   help="visual tokens per sample, all images and frames (default: the model's typical count, "
+                        "e.g. 576 for LLaVA-1.5, 2928 for LLaVA-NeXT, 3699 for LLaVA-OneVision, 1296 for Qwen2.5-VL)")
     p.add_argument("--batch", type=int, default=1, help="samples per prefill")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="dtype of the weights and KV cache")
     p.add_argument("--measure", action="store_true",
@@ -398,10 +436,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         shape = model_shape("llava-1.5-7b" if args.tiny else args.model)
         builds = args.tiny or args.measure or args.layers is not None
+        if builds and not args.tiny and shape.family != "llava":
+            raise ValueError(f"measure / --layers build LLaVA-1.5 models only; {shape.name} is a {shape.family} "
+                             "model: drop --measure / --layers for its FLOPs and KV table")
+        if builds and args.visual_tokens is not None:
+            raise ValueError("visual_tokens: --measure, --tiny and --layers build a LLaVA-1.5 model, whose image has "
+                             "its own visual-token count; drop --visual-tokens")
         config = llava_config(args.model, layers=args.layers, tiny=args.tiny) if builds else None
         if config is not None:  # the table describes the model that --tiny / --layers builds
             shape = dataclasses.replace(model_shape(config), name="tiny-llava" if args.tiny else shape.name)
-        rows = report(shape, args.keep, args.layer, args.text_tokens, args.batch, args.dtype, args.method)
+        rows = report(shape, args.keep, args.layer, args.text_tokens, args.batch, args.dtype, args.method,
+                      args.visual_tokens)
+        shape = dataclasses.replace(shape, visual_tokens=args.visual_tokens or shape.visual_tokens)
         print(f"{shape.name}: {shape.layers} layers, d={shape.hidden}, m={shape.intermediate}, heads={shape.heads}/"
               f"{shape.kv_heads} kv, {shape.visual_tokens} visual + {args.text_tokens} text tokens, K={args.layer}, "
               f"batch {args.batch}, {args.dtype}", flush=True)

@@ -153,3 +153,63 @@ def test_measure_refuses_a_model_that_does_not_fit(monkeypatch):
     monkeypatch.setattr(efficiency, "available_memory", lambda device: 8 * 2**30)
     with pytest.raises(MemoryError, match=r"7\.06B parameters.*--layers N or --tiny"):
         efficiency.build_random_llava(efficiency.llava_config("llava-1.5-7b"), "bf16", "cpu")
+
+
+# ---- the other families (issue 14): shapes written in code, visual-token counts per sample ----
+@pytest.mark.parametrize("name, dims", [
+    # layers, hidden, intermediate, heads, kv heads, head dim, vocab, typical visual tokens
+    ("llava-next-vicuna-7b", (32, 4096, 11008, 32, 32, 128, 32064, 2928)),
+    ("llava-next-mistral-7b", (32, 4096, 14336, 32, 8, 128, 32064, 2928)),
+    ("llava-onevision-7b", (28, 3584, 18944, 28, 4, 128, 152128, 3699)),
+    ("qwen2.5-vl-7b", (28, 3584, 18944, 28, 4, 128, 152064, 1296)),
+    ("qwen3-vl-8b", (36, 4096, 12288, 32, 8, 128, 151936, 1024)),
+])
+def test_builtin_shapes_of_the_other_families(name, dims):
+    shape = BUILTIN_SHAPES[name]
+    assert (shape.layers, shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim, shape.vocab,
+            shape.visual_tokens) == dims
+    assert shape.heads * shape.head_dim == shape.hidden
+    row = report(name, keeps=[shape.visual_tokens // 4], layer=2, text_tokens=64)[0]
+    n = shape.visual_tokens + 64
+    after = 64 + shape.visual_tokens // 4
+    assert row["tokens_after"] == after
+    # 2 (K, V) * kv_heads * head_dim * 2 bytes (bf16) * (2 full layers + the rest pruned)
+    assert row["kv_bytes"] == 2 * shape.kv_heads * 128 * 2 * (2 * n + (shape.layers - 2) * after)
+
+
+def test_visual_tokens_per_sample_for_anyres_and_video():
+    # a 32-frame LLaVA-OneVision video: 32 * 196 + 1 tokens
+    rows = report("llava-onevision-7b", keeps=[6273, 784], layer=2, text_tokens=0, visual_tokens=6273)
+    assert [r["keep"] for r in rows] == [6273, 784] and rows[0]["tokens"] == 6273
+    with pytest.raises(ValueError, match=r"keep must be in \[0, 1296\]"):
+        report("qwen2.5-vl-7b", keeps=[1297])
+    with pytest.raises(ValueError, match="visual_tokens must be an int >= 1"):
+        report("qwen2.5-vl-7b", visual_tokens=0)
+    from transformers import Qwen2_5_VLConfig  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="no fixed visual-token count"):
+        report(Qwen2_5_VLConfig())  # dynamic resolution: the config alone gives no count
+    assert report(Qwen2_5_VLConfig(), keeps=[10], visual_tokens=40)[0]["tokens"] == 104
+
+
+def test_shapes_of_the_tiny_families():
+    from epic_ext.models.tiny import build_tiny_llava_next, build_tiny_llava_onevision  # noqa: PLC0415
+
+    for model, family in ((build_tiny_llava_next(), "llava_next"), (build_tiny_llava_onevision(), "llava_onevision")):
+        shape = model_shape(model)
+        assert (shape.family, shape.layers, shape.heads, shape.kv_heads, shape.head_dim) == (family, 4, 4, 2, 16)
+    assert model_shape(build_tiny_llava_onevision()).visual_tokens == 16  # one crop, (28 / 7)^2
+
+
+def test_cli_other_families(capsys):
+    assert efficiency.main(["--model", "qwen3-vl-8b", "--visual-tokens", "400", "--keep", "400", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "qwen3-vl-8b: 36 layers" in out and "400 visual" in out
+    assert [line.split()[0] for line in out.splitlines()[3:]] == ["400", "100"]
+    for argv, option in ((["--model", "qwen2.5-vl-7b", "--measure"], "--measure"),
+                         (["--model", "llava-onevision-7b", "--visual-tokens", "-3"], "--visual-tokens"),
+                         (["--tiny", "--measure", "--visual-tokens", "9"], "--visual-tokens")):
+        with pytest.raises(SystemExit) as info:
+            efficiency.main(argv)
+        assert info.value.code == 2
+        assert option in capsys.readouterr().err

@@ -485,6 +485,8 @@ def test_decoding_after_pruning_at_layer_zero_continues_original_positions(model
     try:
         with torch.no_grad():
             out = model(**batch, use_cache=True)
+            assert _hf.cache_length(_cache_of(out)) < length  # layer 0 is pruned too at K = 0
+            assert handle.unpruned_cache_length(_cache_of(out)) == length
             token = out.logits[:, -1:].argmax(-1)
             implicit = model(input_ids=token, use_cache=True, **_hf.cache_kwargs(_cache_of(out)))
             out = model(**batch, use_cache=True)

@@ -27,7 +27,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMPAT_DIR = ROOT / "build" / "compat"
 # Everything that imports transformers: the model patch, efficiency, the distillation loss, training, evaluation.
-DEFAULT_TESTS = ["python_tests/test_models_llava.py", "python_tests/test_models_qwen_vl.py",
+DEFAULT_TESTS = ["python_tests/test_models_llava.py", "python_tests/test_models_llava_next.py",
+                 "python_tests/test_models_llava_onevision.py", "python_tests/test_models_qwen_vl.py",
                  "python_tests/test_efficiency.py",
                  "python_tests/test_distill.py", "python_tests/test_train_data.py",
                  "python_tests/test_train_config.py", "python_tests/test_train_loop.py"]

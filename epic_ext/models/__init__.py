@@ -4,7 +4,7 @@
 with engine.register_adapter on import); `supported_classes()` lists what it accepts.
 """
 
-from . import llava  # noqa: F401  (registers the adapter)
+from . import llava, llava_next, llava_onevision  # noqa: F401  (each registers its adapter)
 from . import qwen_vl  # noqa: F401  (registers the Qwen2.5-VL and Qwen3-VL adapters)
 from .engine import (CompressionHandle, FamilyAdapter, apply_compression, prompt_query_positions, register_adapter,
                      supported_classes)

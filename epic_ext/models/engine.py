@@ -59,8 +59,12 @@ shared by every handle):
 Decoding positions: the engine never invents decode positions when the caller gives them (LLaVA's generate passes
 attention-mask-based ids; Qwen's model adds `rope_deltas`). When none are given it uses `default_position_ids`
 with past_length = the cache's unpruned length (layer 0 holds every token unless K = 0; at K = 0 the engine adds
-the number of dropped tokens it recorded at prefill), so new tokens continue from the unpruned sequence's next
-position.
+the number of dropped tokens it recorded at prefill, see `CompressionHandle.unpruned_cache_length`), so new tokens
+continue from the unpruned sequence's next position.
+
+Adding a family: one module with a FamilyAdapter subclass and `register_adapter(...)` at import, imported by
+epic_ext/models/__init__.py; any new transformers touch point goes at the end of _hf.py in a section for the family.
+The engine's per-call state lives on the CompressionHandle (one per patched model), never on the adapter.
 """
 
 from __future__ import annotations
@@ -301,6 +305,13 @@ class CompressionHandle:
         _hf.set_text_attention_implementation(self.model, self._text_config, self._original_attn)
         self.model.__dict__.pop("_epic_ext_handle", None)
         self._removed = True
+
+    def unpruned_cache_length(self, cache) -> int:
+        """The number of original positions a cache covers: its layer-0 length, plus the tokens a pruning at K = 0
+        dropped from layer 0 too. A family whose model derives decoding positions from `cache.get_seq_length()`
+        (Qwen's `rope_deltas` path without an attention mask) needs this after a K = 0 prefill."""
+        pruned = self._pruned_caches.get(cache) if cache is not None else None
+        return _hf.cache_length(cache) + (pruned.dropped if pruned is not None else 0)
 
     @property
     def ratio(self) -> float | None:
