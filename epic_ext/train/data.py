@@ -31,6 +31,8 @@ LLAVA_BACKGROUND = (122, 116, 104)
 _ROLES = ("human", "gpt")
 
 
+# Per-image (per-video) tensors of the chat-template families, concatenated over a batch in sample order.
+GRID_KEYS = ("image_grid_thw",)
 # Why a sample can be skipped (LlavaDataset.skipped keys), in the order reports list them.
 SKIP_REASONS = ("missing_image", "corrupt_image", "bad_record", "too_long", "no_labels")
 
@@ -302,7 +304,6 @@ class LlavaDataset(torch.utils.data.Dataset):
                 raise ValueError(f"record {sample_id!r} (index {index}): {detail}")
             self._skip(index, sample_id, "bad_record", detail)
             return None
-        pieces = self._prompt(record["conversations"], len(paths))
         images = []
         for path in paths:
             try:
@@ -313,14 +314,9 @@ class LlavaDataset(torch.utils.data.Dataset):
                 missing = isinstance(error.__cause__, FileNotFoundError)
                 self._skip(index, sample_id, "missing_image" if missing else "corrupt_image", str(error))
                 return None
-        pixel_values, image_texts = None, []
-        if images:
-            processed = self.processor.image_processor(images, return_tensors="pt")
-            pixel_values = processed["pixel_values"].to(torch.float32)
-            image_texts = [self.processor.replace_image_token(processed, image_idx=i) for i in range(len(images))]
-        input_ids, labels = self._tokenize(pieces, image_texts)
+        input_ids, labels, visual_inputs = self._encode(record, images)
         if len(input_ids) > self.max_length:
-            image_positions = [i for i, token in enumerate(input_ids) if token == self.image_token_id]
+            image_positions = [i for i, token in enumerate(input_ids) if token in self.visual_token_ids]
             if image_positions and image_positions[-1] >= self.max_length:
                 self._skip(index, sample_id, "too_long",
                            f"{len(input_ids)} tokens, last image token at {image_positions[-1]}, "
@@ -330,8 +326,26 @@ class LlavaDataset(torch.utils.data.Dataset):
         if all(label == IGNORE_INDEX for label in labels):
             self._skip(index, sample_id, "no_labels", f"no supervised token in {len(input_ids)} tokens")
             return None
-        return dict(input_ids=torch.tensor(input_ids, dtype=torch.long),
-                    labels=torch.tensor(labels, dtype=torch.long), pixel_values=pixel_values, id=sample_id)
+        sample = dict(input_ids=torch.tensor(input_ids, dtype=torch.long),
+                      labels=torch.tensor(labels, dtype=torch.long), pixel_values=None, id=sample_id)
+        sample.update(visual_inputs)
+        return sample
+
+    @property
+    def visual_token_ids(self) -> frozenset[int]:
+        """Ids of the visual placeholder tokens (a cut of a too-long sample must not fall before the last one)."""
+        return frozenset({self.image_token_id})
+
+    def _encode(self, record: dict, images: list) -> tuple[list[int], list[int], dict]:
+        """(input_ids, labels, the model's visual inputs) of a record whose images are loaded."""
+        pieces = self._prompt(record["conversations"], len(images))
+        pixel_values, image_texts = None, []
+        if images:
+            processed = self.processor.image_processor(images, return_tensors="pt")
+            pixel_values = processed["pixel_values"].to(torch.float32)
+            image_texts = [self.processor.replace_image_token(processed, image_idx=i) for i in range(len(images))]
+        input_ids, labels = self._tokenize(pieces, image_texts)
+        return input_ids, labels, {"pixel_values": pixel_values}
 
 
 def collate(batch: Sequence[dict | None], pad_token_id: int, padding_side: str = "right") -> dict | None:
@@ -364,8 +378,21 @@ def collate(batch: Sequence[dict | None], pad_token_id: int, padding_side: str =
         labels[row, columns] = sample["labels"]
         attention_mask[row, columns] = 1
     images = [sample["pixel_values"] for sample in samples if sample["pixel_values"] is not None]
-    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                pixel_values=torch.cat(images) if images else None, ids=[sample["id"] for sample in samples])
+    out = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+               pixel_values=torch.cat(images) if images else None, ids=[sample["id"] for sample in samples])
+    # chat-template families: token types padded like input_ids (0 = text), per-image grids concatenated in order
+    if any("mm_token_type_ids" in sample for sample in samples):
+        token_types = torch.zeros((len(samples), length), dtype=torch.int)
+        for row, sample in enumerate(samples):
+            n = sample["input_ids"].numel()
+            columns = slice(0, n) if padding_side == "right" else slice(length - n, length)
+            token_types[row, columns] = sample["mm_token_type_ids"]
+        out["mm_token_type_ids"] = token_types
+    for key in GRID_KEYS:
+        grids = [sample[key] for sample in samples if sample.get(key) is not None]
+        if grids:
+            out[key] = torch.cat(grids)
+    return out
 
 
 class LlavaCollator:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ..cli import UsageError, check_skipped, load_model_config, load_records_option
 from ..compress import get_compressor
+from ..models.families import TRAINABLE, family_of
 from .checkpoint import check_resume
 from .config import TrainConfig, deepspeed_config
 from .data import ImageLoadError, scan_records
@@ -49,12 +50,18 @@ def preflight(cfg: TrainConfig) -> Checked:
         raise UsageError(f"--deepspeed-config: {error}") from error
     if cfg.data and not os.path.exists(cfg.data):  # the cheapest check first
         raise UsageError(f"--data: {cfg.data} does not exist")
-    config = load_model_config(cfg.model)
+    config = load_model_config(cfg.model, families=TRAINABLE)
+    family = family_of(config)
     num_layers = config.text_config.num_hidden_layers
     check_layers(cfg, num_layers)
-    visual = config.image_seq_length
-    if any(keep > visual for keep in cfg.eval_keep):
-        raise UsageError(f"--eval-keep values must be <= the model's {visual} visual tokens, got {cfg.eval_keep}")
+    if family.chat_template and cfg.eval_data:
+        raise UsageError(f"--eval-data: the evaluation after training supports LLaVA-1.5 only, not this "
+                         f"{family.name} model; run python -m epic_ext.eval on OUTPUT_DIR/final instead")
+    if not family.chat_template:
+        visual = config.image_seq_length
+        if any(keep > visual for keep in cfg.eval_keep):
+            raise UsageError(f"--eval-keep values must be <= the model's {visual} visual tokens, got "
+                             f"{cfg.eval_keep}")
     records = load_records_option(cfg.data, "--data")
     if cfg.eval_data:
         load_records_option(cfg.eval_data, "--eval-data")

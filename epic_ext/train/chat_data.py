@@ -1,0 +1,237 @@
+"""Supervised samples of the chat-template families (Qwen2.5-VL, Qwen3-VL) from LLaVA-format records.
+
+The record format is LLaVA's (`epic_ext.train.data`): human / gpt turns, ``<image>`` placeholders (added before the
+first human turn's text when a record has images but none). Each conversation becomes chat messages
+(``{"role": "user" | "assistant", "content": [{"type": "image"}, {"type": "text", "text": ...}]}``) rendered by the
+checkpoint's own chat template, so the prompt is exactly what the model was tuned on (system prompt, role markers,
+the template's vision markers around each image).
+
+Supervised: the text of every gpt answer and the end-of-turn token right after it (Qwen: ``<|im_end|>``), nothing
+else. The answers are found by rendering the conversation turn by turn: the text the template adds for an answer
+is what follows the rendering of the turns before it with the generation prompt (``<|im_start|>assistant\\n``).
+
+Images go through the checkpoint's image processor (dynamic resolution: each image gets its own patch grid); each
+image placeholder the template wrote is expanded to grid_t * grid_h * grid_w / merge_size^2 copies, the rule of the
+Qwen processors, and the text is tokenized once with offsets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .data import IGNORE_INDEX, IMAGE_PLACEHOLDER, LlavaDataset
+
+QWEN_IMAGE_TOKEN = "<|image_pad|>"
+
+
+@dataclass
+class ChatProcessor:
+    """What a chat-template family needs to build samples: the tokenizer (with the chat template), the image
+    processor, and the checkpoint directory the processor files are exported from.
+
+    Attributes:
+        tokenizer: a fast tokenizer (offsets are used to find the answers).
+        image_processor: the checkpoint's image processor (pixel_values + image_grid_thw).
+        chat_template: the Jinja template (the tokenizer's, else the checkpoint's chat_template.jinja / .json).
+        source: the checkpoint directory; `save_pretrained` copies its processor files.
+        image_token: the placeholder each image's template marker holds (Qwen: ``<|image_pad|>``).
+    """
+
+    tokenizer: Any
+    image_processor: Any
+    chat_template: str
+    source: str
+    image_token: str = QWEN_IMAGE_TOKEN
+    files: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> ChatProcessor:
+        """Loads the tokenizer and the image processor of a checkpoint directory (without the video processor, whose
+        transformers class needs torchvision).
+
+        Raises:
+            ValueError: no chat template in the checkpoint, or a slow tokenizer (no offsets).
+        """
+        from transformers import AutoImageProcessor, AutoTokenizer  # noqa: PLC0415
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(f"{path}: a fast tokenizer (tokenizer.json) is needed to find the answers' tokens")
+        template = getattr(tokenizer, "chat_template", None)
+        if not template:
+            for name in ("chat_template.jinja", "chat_template.json"):
+                candidate = os.path.join(path, name)
+                if os.path.isfile(candidate):
+                    with open(candidate, encoding="utf-8") as handle:
+                        text = handle.read()
+                    template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+                    break
+        if not template:
+            raise ValueError(f"{path}: no chat template (tokenizer_config.json, chat_template.jinja or "
+                             "chat_template.json)")
+        image_processor = AutoImageProcessor.from_pretrained(path)
+        image_token = getattr(tokenizer, "image_token", None) or QWEN_IMAGE_TOKEN
+        if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
+            raise ValueError(f"{path}: the tokenizer has no {image_token} token")
+        return cls(tokenizer=tokenizer, image_processor=image_processor, chat_template=template, source=path,
+                   image_token=image_token)
+
+    def save_pretrained(self, target: str | os.PathLike) -> None:
+        """Copies the checkpoint's processor files (everything but the weights and the model / generation config)
+        into `target`, so AutoProcessor / AutoTokenizer load there exactly what training used."""
+        import shutil  # noqa: PLC0415
+
+        os.makedirs(target, exist_ok=True)
+        skip_names = {"config.json", "generation_config.json", "model.safetensors.index.json",
+                      "pytorch_model.bin.index.json"}
+        for name in sorted(os.listdir(self.source)):
+            source = os.path.join(self.source, name)
+            if (not os.path.isfile(source) or name in skip_names or name.endswith((".safetensors", ".bin", ".pt"))
+                    or name.startswith("training_args")):
+                continue
+            shutil.copyfile(source, os.path.join(target, name))
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+
+def conversation_messages(conversations: list[dict], n_images: int) -> list[dict]:
+    """LLaVA turns -> chat messages. ``<image>`` placeholders become {"type": "image"} entries where they stand
+    (the newline LLaVA writes after a placeholder is dropped); a record with images and no placeholder gets them
+    before the first human turn's text."""
+    values = [turn["value"] for turn in conversations]
+    if n_images and not any(IMAGE_PLACEHOLDER in value for value in values):
+        first_human = next((i for i, turn in enumerate(conversations) if turn["from"] == "human"), None)
+        if first_human is not None:
+            values[first_human] = IMAGE_PLACEHOLDER * n_images + values[first_human]
+    messages = []
+    for turn, value in zip(conversations, values):
+        if turn["from"] == "gpt":
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": value}]})
+            continue
+        content = []
+        for index, part in enumerate(value.split(IMAGE_PLACEHOLDER)):
+            if index > 0:
+                content.append({"type": "image"})
+                part = part.removeprefix("\n")
+            if part:
+                content.append({"type": "text", "text": part})
+        messages.append({"role": "user", "content": content})
+    return messages
+
+
+def answer_spans(processor: ChatProcessor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """(the rendered conversation, the character span of every assistant answer in it).
+
+    Raises:
+        ValueError: a template that does not render the conversation turn by turn (each rendering a prefix of the
+            next) or does not write an answer verbatim.
+    """
+    text = processor.render(messages)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = processor.render(messages[:index], add_generation_prompt=True)
+        through = processor.render(messages[: index + 1])
+        if not through.startswith(prefix) or not text.startswith(through):
+            raise ValueError("the chat template does not render the conversation turn by turn (the rendering of "
+                             f"the turns before answer {len(spans) + 1} plus the generation prompt is not a prefix "
+                             "of the full rendering): its answers cannot be located")
+        answer = message["content"][0]["text"]
+        start = through.find(answer, len(prefix)) if answer else len(prefix)
+        if start < 0 and answer.strip():
+            answer = answer.strip()
+            start = through.find(answer, len(prefix))
+        if start < 0:
+            raise ValueError(f"the chat template does not write answer {len(spans) + 1} ({answer[:40]!r}) verbatim")
+        spans.append((start, start + len(answer)))
+    return text, spans
+
+
+def expand_placeholders(text: str, token: str, counts: list[int],
+                        spans: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
+    """Replaces the i-th `token` in text by counts[i] copies; returns the new text and the spans moved with it.
+
+    Raises:
+        ValueError: the text holds another number of `token` than len(counts).
+    """
+    found = text.count(token)
+    if found != len(counts):
+        raise ValueError(f"the chat template wrote {found} {token} placeholders for {len(counts)} images")
+    pieces, shifts, position = [], [], 0
+    for count in counts:
+        at = text.index(token, position)
+        pieces += [text[position:at], token * count]
+        shifts.append((at, len(token) * (count - 1)))
+        position = at + len(token)
+    pieces.append(text[position:])
+
+    def moved(offset: int) -> int:
+        return offset + sum(shift for at, shift in shifts if at < offset)
+
+    return "".join(pieces), [(moved(start), moved(end)) for start, end in spans]
+
+
+class ChatDataset(LlavaDataset):
+    """Tokenized, label-masked samples of a chat-template family (same records, skips and truncation as
+    `LlavaDataset`).
+
+    Args:
+        records, image_folder, max_length, pad_to_square, on_bad_image, background: as for LlavaDataset.
+        processor: a ChatProcessor.
+
+    ``dataset[i]`` is None for a skipped sample, otherwise a dict with input_ids LongTensor [L], labels LongTensor
+    [L] (-100 except on the answers and their end-of-turn token), mm_token_type_ids IntTensor [L] (1 at image
+    tokens, else 0), pixel_values FloatTensor [n_patches, C * t * p * p] and image_grid_thw LongTensor
+    [n_images, 3] (both None without images), id.
+    """
+
+    def __init__(self, records, image_folder, processor: ChatProcessor, **kwargs):
+        super().__init__(records, image_folder, processor, **kwargs)
+        self.image_token = processor.image_token
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        merge = getattr(processor.image_processor, "merge_size", None)
+        if not isinstance(merge, int) or merge < 1:
+            raise ValueError(f"the image processor ({type(processor.image_processor).__name__}) has no merge_size: "
+                             "not a Qwen-VL image processor")
+        self.merge_size = merge
+
+    def _encode(self, record: dict, images: list) -> tuple[list[int], list[int], dict]:
+        messages = conversation_messages(record["conversations"], len(images))
+        text, spans = answer_spans(self.processor, messages)
+        visual = {"pixel_values": None, "image_grid_thw": None}
+        counts = []
+        if images:
+            processed = self.processor.image_processor(images=images, return_tensors="pt")
+            visual["pixel_values"] = processed["pixel_values"].to(torch.float32)
+            visual["image_grid_thw"] = processed["image_grid_thw"].to(torch.long)
+            counts = [int(grid.prod()) // self.merge_size ** 2 for grid in visual["image_grid_thw"]]
+        text, spans = expand_placeholders(text, self.image_token, counts, spans)
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
+        labels = [IGNORE_INDEX] * len(input_ids)
+        added = set(self.tokenizer.get_added_vocab().values()) | set(self.tokenizer.all_special_ids)
+        for start, end in spans:
+            inside = [i for i, (begin, finish) in enumerate(offsets) if begin < end and finish > start]
+            after = next((i for i, (begin, _) in enumerate(offsets) if begin >= end), None)
+            if after is None or input_ids[after] not in added or offsets[after][0] != end:
+                raise ValueError("the chat template writes no end-of-turn token right after an answer "
+                                 f"({text[end:end + 20]!r} follows it)")
+            for i in [*inside, after]:
+                labels[i] = input_ids[i]
+        token_types = [1 if token == self.image_token_id else 0 for token in input_ids]
+        visual["mm_token_type_ids"] = torch.tensor(token_types, dtype=torch.int)
+        return input_ids, labels, visual
+
+    def __getitem__(self, index: int) -> dict | None:
+        sample = super().__getitem__(index)
+        if sample is not None:  # truncation cuts the token types with the ids
+            sample["mm_token_type_ids"] = sample["mm_token_type_ids"][: sample["input_ids"].numel()]
+        return sample

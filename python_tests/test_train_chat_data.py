@@ -1,0 +1,144 @@
+"""Chat-template samples (epic_ext.train.chat_data) on a tiny offline Qwen tokenizer + image processor: the prompt is
+the template's rendering with each image placeholder expanded to the image's token count, and exactly the answers
+and their end-of-turn token are supervised."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from chat_assets import QWEN_CHAT_TEMPLATE, build_tiny_qwen_image_processor, build_tiny_qwen_tokenizer  # noqa: E402
+
+from epic_ext.train.chat_data import ChatDataset, ChatProcessor, conversation_messages  # noqa: E402
+from epic_ext.train.data import collate  # noqa: E402
+
+WORDS = ("what", "color", "is", "it", "and", "this", "one", "?", "red", "blue", "green", "yes", "no", "left", "right")
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory):
+    tokenizer = build_tiny_qwen_tokenizer(WORDS)
+    return ChatProcessor(tokenizer=tokenizer, image_processor=build_tiny_qwen_image_processor(),
+                         chat_template=QWEN_CHAT_TEMPLATE, source=str(tmp_path_factory.mktemp("unused")))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    sizes = {"square.png": (84, 84), "wide.png": (84, 56), "small.png": (56, 56)}
+    for index, (name, size) in enumerate(sizes.items()):
+        Image.new("RGB", size, (40 * index, 100, 200)).save(folder / name)
+    return folder
+
+
+MULTI_TURN = {"id": "mt", "image": ["square.png", "wide.png"], "conversations": [
+    {"from": "human", "value": "<image>\nwhat color is it ?"}, {"from": "gpt", "value": "red"},
+    {"from": "human", "value": "and this one <image> ?"}, {"from": "gpt", "value": "blue and green"},
+    {"from": "human", "value": "left or right ?"}, {"from": "gpt", "value": "left"}]}
+
+
+def supervised_runs(sample):
+    """The supervised tokens, as runs of consecutive positions."""
+    runs, current, last = [], [], None
+    for position, (token, label) in enumerate(zip(sample["input_ids"].tolist(), sample["labels"].tolist())):
+        if label == -100:
+            continue
+        assert label == token
+        if last is not None and position != last + 1:
+            runs.append(current)
+            current = []
+        current.append(token)
+        last = position
+    return runs + ([current] if current else [])
+
+
+def test_supervised_tokens_are_the_answers_and_their_end_of_turn(processor, images):
+    dataset = ChatDataset([MULTI_TURN], images, processor, max_length=512)
+    sample = dataset[0]
+    tokenizer = processor.tokenizer
+    answers = [turn["value"] for turn in MULTI_TURN["conversations"] if turn["from"] == "gpt"]
+    runs = supervised_runs(sample)
+    assert [tokenizer.decode(run) for run in runs] == [f"{answer} <|im_end|>" for answer in answers]
+    for run, answer in zip(runs, answers):
+        assert run == tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    # the token after each run is the newline-free start of the next turn (or the end): nothing else is supervised
+    assert sum(len(run) for run in runs) == int((sample["labels"] != -100).sum())
+
+
+def test_prompt_is_the_template_with_expanded_image_tokens(processor, images):
+    """input_ids against an independent rendering: the template's text (one placeholder per image) tokenized, then
+    each placeholder repeated grid_t * grid_h * grid_w / 4 times (84x84 -> 6x6 patches -> 9 tokens, 84x56 -> 6)."""
+    dataset = ChatDataset([MULTI_TURN], images, processor, max_length=512)
+    sample = dataset[0]
+    tokenizer = processor.tokenizer
+    messages = conversation_messages(MULTI_TURN["conversations"], 2)
+    assert [c["type"] for c in messages[0]["content"]] == ["image", "text"]
+    assert messages[0]["content"][1]["text"] == "what color is it ?"  # LLaVA's "\n" after <image> is dropped
+    assert [c["type"] for c in messages[2]["content"]] == ["text", "image", "text"]
+    text = tokenizer.apply_chat_template(messages, chat_template=QWEN_CHAT_TEMPLATE, tokenize=False)
+    assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
+    image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    expected, counts = [], iter([9, 6])
+    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        expected += [token] * (next(counts) if token == image_id else 1)
+    assert sample["input_ids"].tolist() == expected
+    assert sample["image_grid_thw"].tolist() == [[1, 6, 6], [1, 4, 6]]  # (t, h, w): 84 wide, 56 high
+    assert sample["pixel_values"].shape == (36 + 24, 3 * 2 * 14 * 14)
+    assert sample["mm_token_type_ids"].tolist() == [int(t == image_id) for t in expected]
+
+
+def test_images_without_placeholders_go_first_and_batches_concatenate_grids(processor, images):
+    records = [{"id": "a", "image": "small.png", "conversations": [{"from": "human", "value": "what color is it ?"},
+                                                                   {"from": "gpt", "value": "green"}]},
+               {"id": "b", "conversations": [{"from": "human", "value": "is it red ?"},
+                                             {"from": "gpt", "value": "no"}]},
+               MULTI_TURN]
+    dataset = ChatDataset(records, images, processor, max_length=512)
+    samples = [dataset[i] for i in range(3)]
+    tokens = processor.tokenizer.convert_ids_to_tokens(samples[0]["input_ids"])
+    user = tokens.index("user")
+    assert tokens[user + 1: user + 7] == ["<|vision_start|>"] + ["<|image_pad|>"] * 4 + ["<|vision_end|>"]
+    assert samples[1]["pixel_values"] is None and samples[1]["image_grid_thw"] is None
+    batch = collate(samples, processor.tokenizer.pad_token_id, padding_side="left")
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 6, 6], [1, 4, 6]]
+    assert batch["pixel_values"].shape[0] == 16 + 36 + 24
+    assert batch["mm_token_type_ids"].shape == batch["input_ids"].shape
+    assert (batch["mm_token_type_ids"].bool() == (batch["input_ids"] == dataset.image_token_id)).all()
+    assert (batch["attention_mask"][:, -1] == 1).all()  # left padding
+
+
+def test_cut_inside_the_images_skips_and_cut_after_them_truncates(processor, images):
+    dataset = ChatDataset([MULTI_TURN], images, processor, max_length=20)
+    assert dataset[0] is None and dataset.skipped == {"too_long": 1}
+    full = ChatDataset([MULTI_TURN], images, processor, max_length=512)[0]
+    last_image = max(i for i, t in enumerate(full["input_ids"].tolist()) if t == full["input_ids"].max())
+    cut = ChatDataset([MULTI_TURN], images, processor, max_length=last_image + 12)[0]
+    assert cut["input_ids"].tolist() == full["input_ids"][: last_image + 12].tolist()
+    assert cut["mm_token_type_ids"].numel() == last_image + 12
+
+
+def test_template_without_end_of_turn_token_is_refused(processor, images):
+    template = QWEN_CHAT_TEMPLATE.replace("{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>",
+                                          "{{ content['text'] }}{% endif %}{% endfor %} .")
+    broken = ChatProcessor(tokenizer=processor.tokenizer, image_processor=processor.image_processor,
+                           chat_template=template, source=processor.source)
+    with pytest.raises(ValueError, match="no end-of-turn token right after an answer"):
+        ChatDataset([MULTI_TURN], images, broken, max_length=512)[0]
+
+
+def test_save_pretrained_copies_the_processor_files(tmp_path):
+    source = tmp_path / "ckpt"
+    tokenizer = build_tiny_qwen_tokenizer(WORDS)
+    tokenizer.save_pretrained(str(source))
+    build_tiny_qwen_image_processor().save_pretrained(str(source))
+    (source / "config.json").write_text("{}")
+    (source / "model.safetensors").write_bytes(b"weights")
+    loaded = ChatProcessor.from_pretrained(str(source))
+    assert loaded.chat_template == QWEN_CHAT_TEMPLATE and loaded.image_processor.merge_size == 2
+    loaded.save_pretrained(tmp_path / "out")
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "config.json" not in names and "model.safetensors" not in names
+    assert ChatProcessor.from_pretrained(str(tmp_path / "out")).tokenizer.get_vocab() == tokenizer.get_vocab()
