@@ -96,6 +96,51 @@ class ChatProcessor:
                 continue
             shutil.copyfile(source, os.path.join(target, name))
 
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    def visual_inputs(self, images: list) -> tuple[dict, list[int]]:
+        """({"pixel_values": [n_patches, C*t*p*p] float32, "image_grid_thw": [n, 3] int64} (None without images),
+        the visual tokens of each image: grid_t * grid_h * grid_w / merge_size^2).
+
+        Raises:
+            ValueError: an image processor without merge_size (not a Qwen-VL one).
+        """
+        if not images:
+            return {"pixel_values": None, "image_grid_thw": None}, []
+        merge = getattr(self.image_processor, "merge_size", None)
+        if not isinstance(merge, int) or merge < 1:
+            raise ValueError(f"the image processor ({type(self.image_processor).__name__}) has no merge_size: "
+                             "not a Qwen-VL image processor")
+        processed = self.image_processor(images=images, return_tensors="pt")
+        grids = processed["image_grid_thw"].to(torch.long)
+        visual = {"pixel_values": processed["pixel_values"].to(torch.float32), "image_grid_thw": grids}
+        return visual, [int(grid.prod()) // merge ** 2 for grid in grids]
+
+    def prompt_batch(self, conversations: list[list[dict]], images: list[list], *, padding_side: str = "left"):
+        """Generation inputs: each conversation (LLaVA turns ending with a human turn) rendered with the generation
+        prompt, image placeholders expanded; padded into one batch (`epic_ext.train.data.collate` keys, labels
+        all -100).
+
+        Args:
+            conversations: per item, its LLaVA turns.
+            images: per item, its PIL images (in placeholder order).
+        """
+        from .data import collate  # noqa: PLC0415
+
+        samples = []
+        for index, (turns, item_images) in enumerate(zip(conversations, images, strict=True)):
+            text = self.render(conversation_messages(turns, len(item_images)), add_generation_prompt=True)
+            visual, counts = self.visual_inputs(item_images)
+            text, _ = expand_placeholders(text, self.image_token, counts, [])
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            samples.append(dict(input_ids=torch.tensor(ids, dtype=torch.long),
+                                labels=torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long), id=index,
+                                mm_token_type_ids=torch.tensor([int(t == self.image_token_id) for t in ids],
+                                                               dtype=torch.int), **visual))
+        return collate(samples, self.tokenizer.pad_token_id, padding_side=padding_side)
+
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
@@ -196,23 +241,12 @@ class ChatDataset(LlavaDataset):
     def __init__(self, records, image_folder, processor: ChatProcessor, **kwargs):
         super().__init__(records, image_folder, processor, **kwargs)
         self.image_token = processor.image_token
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        merge = getattr(processor.image_processor, "merge_size", None)
-        if not isinstance(merge, int) or merge < 1:
-            raise ValueError(f"the image processor ({type(processor.image_processor).__name__}) has no merge_size: "
-                             "not a Qwen-VL image processor")
-        self.merge_size = merge
+        self.image_token_id = processor.image_token_id
 
     def _encode(self, record: dict, images: list) -> tuple[list[int], list[int], dict]:
         messages = conversation_messages(record["conversations"], len(images))
         text, spans = answer_spans(self.processor, messages)
-        visual = {"pixel_values": None, "image_grid_thw": None}
-        counts = []
-        if images:
-            processed = self.processor.image_processor(images=images, return_tensors="pt")
-            visual["pixel_values"] = processed["pixel_values"].to(torch.float32)
-            visual["image_grid_thw"] = processed["image_grid_thw"].to(torch.long)
-            counts = [int(grid.prod()) // self.merge_size ** 2 for grid in visual["image_grid_thw"]]
+        visual, counts = self.processor.visual_inputs(images)
         text, spans = expand_placeholders(text, self.image_token, counts, spans)
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         input_ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
