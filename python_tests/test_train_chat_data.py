@@ -142,3 +142,45 @@ def test_save_pretrained_copies_the_processor_files(tmp_path):
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert "config.json" not in names and "model.safetensors" not in names
     assert ChatProcessor.from_pretrained(str(tmp_path / "out")).tokenizer.get_vocab() == tokenizer.get_vocab()
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_distillation_rows_match_the_masked_reference(processor, images, family, padding):
+    """EPIC's loss on a chat-template batch: the student's SFT sum equals the cross entropy of an independent
+    reference (the unpatched eager model on the full sequence, dropped visual keys hidden from layer K on, see
+    test_models_qwen_vl) at the supervised positions, so the kept rows map back to the right labels; the KL is
+    taken against the teacher's rows of the same positions."""
+    import torch
+    from test_models_qwen_vl import kept_key_of, masked_reference
+
+    from epic_ext.distill import DistillConfig, distillation_loss, shifted_targets
+    from epic_ext.models import apply_compression
+    from epic_ext.models.tiny import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl
+    from epic_ext.schedules import CompressionStep
+
+    builder = {"qwen2_5_vl": build_tiny_qwen2_5_vl, "qwen3_vl": build_tiny_qwen3_vl}[family]
+    model = builder(seed=1, vocab_size=len(processor.tokenizer), pad_token_id=processor.tokenizer.pad_token_id)
+    records = [MULTI_TURN, {"id": "one", "image": "wide.png", "conversations": [
+        {"from": "human", "value": "<image>\nis it red ?"}, {"from": "gpt", "value": "yes"}]}]
+    dataset = ChatDataset(records, images, processor, max_length=512)
+    batch = collate([dataset[0], dataset[1]], processor.tokenizer.pad_token_id, padding_side=padding)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "ids")}
+    handle = apply_compression(model, "random", layer=2, ratio=0.5, generator=torch.Generator().manual_seed(0))
+    step = CompressionStep(progress=0.5, student_ratio=0.5, teacher_ratio=0.2, student_layer=2, teacher_layer=2)
+    try:
+        with torch.no_grad():
+            handle.settings.compressor.generator.manual_seed(5)
+            out = distillation_loss(model, handle, batch, step, DistillConfig(lam=0.5, tau=1.0), normalizer=1.0)
+            handle.settings.compressor.generator.manual_seed(5)
+            with handle.override(ratio=0.5):
+                kept = model(**inputs).kept_positions  # the student's kept set, drawn again from the same seed
+    finally:
+        handle.remove()
+    reference, _ = masked_reference(model, inputs, 2, kept_key_of(model, batch["input_ids"], kept))
+    targets = shifted_targets(batch["labels"])
+    rows = targets != -100
+    expected = torch.nn.functional.cross_entropy(reference[rows], targets[rows], reduction="sum")
+    assert int(out["tokens"]) == int(rows.sum()) == 2 * 4 + 2  # "red", "blue and green", "left", "yes" + ends
+    torch.testing.assert_close(out["sft_sum"], expected, rtol=1e-5, atol=1e-5)
+    assert float(out["kd_sum"]) > 0  # the teacher kept other tokens
