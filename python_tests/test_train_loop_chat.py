@@ -51,7 +51,16 @@ def test_resume_after_kill_matches_uninterrupted(assets, tmp_path):
         assert b[step]["student_ratio"] == a[step]["student_ratio"]
 
 
-def test_export_loads_back_and_generates(assets, tmp_path):
+@pytest.fixture(scope="module")
+def exported(assets, tmp_path_factory):
+    """OUTPUT_DIR/final of a 2-step ZeRO-3 run with --export."""
+    out = tmp_path_factory.mktemp("exported")
+    proc = run_train(assets, out, "--zero", "3", "--max-steps", "2", "--export")
+    assert "exported to" in proc.stdout
+    return out / "final"
+
+
+def test_export_loads_back_and_generates(assets, exported):
     import torch
     import transformers
     from PIL import Image
@@ -60,9 +69,7 @@ def test_export_loads_back_and_generates(assets, tmp_path):
     from epic_ext.train.chat_data import ChatProcessor
     from epic_ext.train.data import load_records
 
-    proc = run_train(assets, tmp_path, "--zero", "3", "--max-steps", "2", "--export")
-    assert "exported to" in proc.stdout
-    final = tmp_path / "final"
+    final = exported
     config = json.loads((final / "config.json").read_text())
     model_class = getattr(transformers, config["architectures"][0])
     assert model_class.__name__.startswith(("Qwen2_5_VL", "Qwen3VL"))
@@ -101,3 +108,21 @@ def test_unsupported_family_is_one_line_error(tmp_path):
     assert "'llava_next' model is not supported" in line
     assert "llava (LlavaForConditionalGeneration), qwen2_5_vl (Qwen2_5_VLForConditionalGeneration)" in line
     assert not (tmp_path / "out").exists()  # refused before DeepSpeed started
+
+
+def test_eval_cli_on_the_export(assets, exported, tmp_path, capsys):
+    """python -m epic_ext.eval on a chat-template checkpoint: the uncompressed row, then each method at each
+    --keep (visual tokens per sample: 4 and 2 of each item's 9), the efficiency columns for the items' 9 tokens."""
+    from epic_ext.eval import main
+
+    args = ["--model", str(exported), "--data", assets["test"], "--image-folder", assets["images"], "--layer", "1",
+            "--max-new-tokens", "2", "--batch-size", "5"]
+    assert main([*args, "--method", "fastv"]) == 2
+    assert "--keep is required for a qwen" in capsys.readouterr().err
+    assert main([*args, "--method", "fastv", "random", "--keep", "4", "2", "--output", str(tmp_path / "rows.json")]) == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["method"], r["keep"]) for r in rows] == [("none", 9), ("fastv", 4), ("fastv", 2), ("random", 4),
+                                                         ("random", 2)]
+    assert all(r["n"] == 16 and len(r["predictions"]) == 16 for r in rows)
+    assert rows[0]["kv_mb"] > rows[1]["kv_mb"] > rows[2]["kv_mb"]
+    assert rows[1]["prefill_tflops_exact"] < rows[0]["prefill_tflops_exact"]
