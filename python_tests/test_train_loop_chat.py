@@ -53,10 +53,17 @@ def test_resume_after_kill_matches_uninterrupted(assets, tmp_path):
 
 @pytest.fixture(scope="module")
 def exported(assets, tmp_path_factory):
-    """OUTPUT_DIR/final of a 2-step ZeRO-3 run with --export."""
+    """OUTPUT_DIR/final of a 2-step ZeRO-3 run with --export and the evaluation after training."""
     out = tmp_path_factory.mktemp("exported")
-    proc = run_train(assets, out, "--zero", "3", "--max-steps", "2", "--export")
+    line = one_error_line(run_train(assets, out, "--zero", "3", "--max-steps", "2", "--eval-data", assets["test"],
+                                    check=False))
+    assert "--eval-keep is required with --eval-data for a qwen" in line
+    proc = run_train(assets, out, "--zero", "3", "--max-steps", "2", "--export", "--eval-data", assets["test"],
+                     "--eval-keep", "3")
     assert "exported to" in proc.stdout
+    table = proc.stdout[proc.stdout.index("exact-match accuracy"):].splitlines()
+    assert [line.split()[:3] for line in table[3:]] == [["none", "-", "9"], ["fastv", "1", "3"], ["dart", "1", "3"],
+                                                        ["random", "1", "3"]]
     return out / "final"
 
 

@@ -54,9 +54,9 @@ def preflight(cfg: TrainConfig) -> Checked:
     family = family_of(config)
     num_layers = config.text_config.num_hidden_layers
     check_layers(cfg, num_layers)
-    if family.chat_template and cfg.eval_data:
-        raise UsageError(f"--eval-data: the evaluation after training supports LLaVA-1.5 only, not this "
-                         f"{family.name} model; run python -m epic_ext.eval on OUTPUT_DIR/final instead")
+    if family.chat_template and cfg.eval_data and not cfg.eval_keep:
+        raise UsageError(f"--eval-keep is required with --eval-data for a {family.name} model (its visual tokens "
+                         "per sample vary with the image sizes): give the visual tokens kept per sample")
     if not family.chat_template:
         visual = config.image_seq_length
         if any(keep > visual for keep in cfg.eval_keep):
