@@ -24,8 +24,10 @@ from .schedules import CompressionStep
 __all__ = ["DistillConfig", "shifted_targets", "distillation_loss", "MODEL_INPUT_KEYS", "visual_mask"]
 
 # Batch entries handed to the multimodal model besides input_ids / attention_mask (those present and not None):
-# LLaVA's pixel_values; Qwen-VL's pixel_values + image_grid_thw and mm_token_type_ids (its M-RoPE positions).
-MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+# LLaVA's pixel_values; Qwen-VL's pixel_values + image_grid_thw, mm_token_type_ids (its M-RoPE positions) and a
+# video's pixel_values_videos + video_grid_thw + second_per_grid_ts.
+MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw",
+                    "second_per_grid_ts")
 
 
 @dataclass(frozen=True)

@@ -163,8 +163,13 @@ def test_distillation_rows_match_the_masked_reference(processor, images, family,
     model = builder(seed=1, vocab_size=len(processor.tokenizer), pad_token_id=processor.tokenizer.pad_token_id)
     records = [MULTI_TURN, {"id": "one", "image": "wide.png", "conversations": [
         {"from": "human", "value": "<image>\nis it red ?"}, {"from": "gpt", "value": "yes"}]}]
+    if family == "qwen2_5_vl":  # a sample with a video and an image (Qwen3-VL video prompts are not built here)
+        records.append({"id": "iv", "image": "small.png", "video": ["wide.png", "wide.png", "square.png"],
+                        "conversations": [{"from": "human", "value": "<video> is it red ?"},
+                                          {"from": "gpt", "value": "no"}]})
     dataset = ChatDataset(records, images, processor, max_length=512)
-    batch = collate([dataset[0], dataset[1]], processor.tokenizer.pad_token_id, padding_side=padding)
+    batch = collate([dataset[i] for i in range(len(records))], processor.tokenizer.pad_token_id,
+                    padding_side=padding)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "ids")}
     handle = apply_compression(model, "random", layer=2, ratio=0.5, generator=torch.Generator().manual_seed(0))
     step = CompressionStep(progress=0.5, student_ratio=0.5, teacher_ratio=0.2, student_layer=2, teacher_layer=2)
@@ -181,6 +186,61 @@ def test_distillation_rows_match_the_masked_reference(processor, images, family,
     targets = shifted_targets(batch["labels"])
     rows = targets != -100
     expected = torch.nn.functional.cross_entropy(reference[rows], targets[rows], reduction="sum")
-    assert int(out["tokens"]) == int(rows.sum()) == 2 * 4 + 2  # "red", "blue and green", "left", "yes" + ends
+    # "red", "blue and green", "left", "yes" (, "no") and their end-of-turn tokens
+    assert int(out["tokens"]) == int(rows.sum()) == 2 * 4 + 2 + 2 * (family == "qwen2_5_vl")
     torch.testing.assert_close(out["sft_sum"], expected, rtol=1e-5, atol=1e-5)
     assert float(out["kd_sum"]) > 0  # the teacher kept other tokens
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory):
+    """Three 84x56 frames of different colours (a 3-frame video pads to 4 by repeating the last)."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("frames")
+    for index in range(3):
+        Image.new("RGB", (84, 56), (60 * index, 200 - 50 * index, 30)).save(folder / f"f{index}.png")
+    return folder
+
+
+def test_video_patches_hold_consecutive_frames(processor, frames):
+    """Each video patch holds two consecutive frames: a video of one frame repeated equals that frame processed as an
+    image (which fills both temporal slots with it), and in a 3-frame video the second group is frame 2 twice."""
+    import torch
+    from PIL import Image
+
+    images = [Image.open(frames / f"f{i}.png").convert("RGB") for i in range(3)]
+    as_image, counts = processor.visual_inputs([images[0]])
+    video, tokens = processor.video_inputs([images[0], images[0]])
+    assert video["video_grid_thw"].tolist() == [[1, 4, 6]] and tokens == counts[0] == 6
+    torch.testing.assert_close(video["pixel_values_videos"], as_image["pixel_values"], rtol=0, atol=0)
+    video, tokens = processor.video_inputs(images, fps=4.0)
+    assert video["video_grid_thw"].tolist() == [[2, 4, 6]] and tokens == 12
+    assert video["second_per_grid_ts"].tolist() == [0.5]
+    last, _ = processor.visual_inputs([images[2]])
+    torch.testing.assert_close(video["pixel_values_videos"][24:], last["pixel_values"], rtol=0, atol=0)
+    first_two = video["pixel_values_videos"][:24].view(24, 3, 2, 14 * 14)
+    for slot in (0, 1):
+        alone, _ = processor.visual_inputs([images[slot]])
+        torch.testing.assert_close(first_two[:, :, slot], alone["pixel_values"].view(24, 3, 2, -1)[:, :, 0])
+
+
+def test_record_with_an_image_and_a_video(processor, images, frames):
+    record = {"id": "iv", "image": "square.png", "video": [str(frames / f"f{i}.png") for i in range(3)],
+              "conversations": [{"from": "human", "value": "<video>\nwhat color is it ? <image>"},
+                                {"from": "gpt", "value": "green"}]}
+    dataset = ChatDataset([record], images, processor, max_length=512)
+    sample = dataset[0]
+    tokens = processor.tokenizer.convert_ids_to_tokens(sample["input_ids"])
+    user = tokens.index("user")
+    assert tokens[user + 1: user + 15] == ["<|vision_start|>"] + ["<|video_pad|>"] * 12 + ["<|vision_end|>"]
+    assert tokens.count("<|image_pad|>") == 9 and tokens.index("<|image_pad|>") > tokens.index("?")
+    assert sample["mm_token_type_ids"].tolist() == [
+        1 if t == "<|image_pad|>" else 2 if t == "<|video_pad|>" else 0 for t in tokens]
+    assert [processor.tokenizer.decode(run) for run in supervised_runs(sample)] == ["green <|im_end|>"]
+    assert sample["video_grid_thw"].tolist() == [[2, 4, 6]] and sample["pixel_values_videos"].shape[0] == 48
+    # a video record for a family that takes images only is skipped as a bad record (or raises with "error")
+    images_only = ChatProcessor(**{**processor.__dict__, "videos": False})
+    assert ChatDataset([record], images, images_only, max_length=512)[0] is None
+    with pytest.raises(ValueError, match="takes images only"):
+        ChatDataset([record], images, images_only, max_length=512, on_bad_image="error")[0]

@@ -133,3 +133,31 @@ def test_eval_cli_on_the_export(assets, exported, tmp_path, capsys):
     assert all(r["n"] == 16 and len(r["predictions"]) == 16 for r in rows)
     assert rows[0]["kv_mb"] > rows[1]["kv_mb"] > rows[2]["kv_mb"]
     assert rows[1]["prefill_tflops_exact"] < rows[0]["prefill_tflops_exact"]
+
+
+def test_video_records(assets, tmp_path):
+    """Records with a `video` (frame files) beside image records: Qwen2.5-VL trains on them (and resumes to the
+    same losses); Qwen3-VL refuses them before start-up, naming the record."""
+    records = json.loads(pathlib.Path(assets["data"]).read_text())[:24]
+    for index, record in enumerate(records[:12]):  # every other of these also keeps its image
+        record["video"] = [records[(index + k) % 24]["image"] for k in range(3)]
+        record["conversations"][0]["value"] = "<video>\n" + record["conversations"][0]["value"]
+        if index % 2:
+            record.pop("image")
+            record["conversations"][0]["value"] = record["conversations"][0]["value"].replace("<image>\n", "")
+    data = tmp_path / "video.json"
+    data.write_text(json.dumps(records))
+    with_video = {**assets, "data": str(data)}
+    args = ("--zero", "2", "--max-steps", "4", "--save-steps", "2", "--micro-batch-size", "3")
+    if "qwen3" in json.loads((pathlib.Path(assets["model"]) / "config.json").read_text())["model_type"]:
+        line = one_error_line(run_train(with_video, tmp_path / "out", *args, check=False))
+        assert "record 'train-000000' has a video; training takes video records for qwen2_5_vl models" in line
+        return
+    run_train(with_video, tmp_path / "full", *args)
+    run_train(with_video, tmp_path / "cut", *args, "--stop-after-steps", "2")
+    run_train(with_video, tmp_path / "cut", *args, "--resume", "auto")
+    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(full) == sorted(cut) == [1, 2, 3, 4]
+    for step in full:
+        assert cut[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-6, abs=1e-7)
+        assert full[step]["loss"] > 0

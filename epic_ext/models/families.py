@@ -22,16 +22,19 @@ class Family:
         model_class: the transformers *ForConditionalGeneration class name.
         chat_template: prompts come from the checkpoint's chat template (False: LLaVA-1.5's own
             ``USER: ... ASSISTANT:`` format and its LlavaProcessor).
+        videos: training and evaluation take records with a ``video`` (frame list).
     """
 
     name: str
     model_type: str
     model_class: str
     chat_template: bool
+    videos: bool = False
 
 
 LLAVA = Family("llava", "llava", "LlavaForConditionalGeneration", chat_template=False)
-QWEN2_5_VL = Family("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", chat_template=True)
+QWEN2_5_VL = Family("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", chat_template=True,
+                    videos=True)
 QWEN3_VL = Family("qwen3_vl", "qwen3_vl", "Qwen3VLForConditionalGeneration", chat_template=True)
 
 # model_type -> Family, in the order messages list them

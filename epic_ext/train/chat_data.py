@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .data import IGNORE_INDEX, IMAGE_PLACEHOLDER, LlavaDataset
+from .data import IGNORE_INDEX, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, LlavaDataset, image_names, placeholder_problem
+from .data import video_frames as video_frame_names
 
 QWEN_IMAGE_TOKEN = "<|image_pad|>"
+QWEN_VIDEO_TOKEN = "<|video_pad|>"
+DEFAULT_VIDEO_FPS = 2.0  # frames per second of a record's frame list without an "fps" field (Qwen's sampling rate)
 
 
 @dataclass
@@ -40,6 +44,9 @@ class ChatProcessor:
         chat_template: the Jinja template (the tokenizer's, else the checkpoint's chat_template.jinja / .json).
         source: the checkpoint directory; `save_pretrained` copies its processor files.
         image_token: the placeholder each image's template marker holds (Qwen: ``<|image_pad|>``).
+        video_token: the same for a video (Qwen: ``<|video_pad|>``).
+        videos: whether the family takes video records here (Qwen2.5-VL; not Qwen3-VL, whose prompts carry
+            per-frame timestamps this module does not write).
     """
 
     tokenizer: Any
@@ -47,10 +54,11 @@ class ChatProcessor:
     chat_template: str
     source: str
     image_token: str = QWEN_IMAGE_TOKEN
-    files: list[str] = field(default_factory=list)
+    video_token: str = QWEN_VIDEO_TOKEN
+    videos: bool = True
 
     @classmethod
-    def from_pretrained(cls, path: str) -> ChatProcessor:
+    def from_pretrained(cls, path: str, videos: bool = True) -> ChatProcessor:
         """Loads the tokenizer and the image processor of a checkpoint directory (without the video processor, whose
         transformers class needs torchvision).
 
@@ -79,7 +87,8 @@ class ChatProcessor:
         if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
             raise ValueError(f"{path}: the tokenizer has no {image_token} token")
         return cls(tokenizer=tokenizer, image_processor=image_processor, chat_template=template, source=path,
-                   image_token=image_token)
+                   image_token=image_token, video_token=getattr(tokenizer, "video_token", None) or QWEN_VIDEO_TOKEN,
+                   videos=videos)
 
     def save_pretrained(self, target: str | os.PathLike) -> None:
         """Copies the checkpoint's processor files (everything but the weights and the model / generation config)
@@ -99,6 +108,44 @@ class ChatProcessor:
     @property
     def image_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    @property
+    def video_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.video_token)
+
+    def video_inputs(self, frames: list, fps: float = DEFAULT_VIDEO_FPS) -> tuple[dict, int]:
+        """One video from its frames (PIL images, time order), laid out as Qwen2.5-VL's video processor lays it out:
+        every frame resized like an image (the image processor's size budget) and normalised, the frame count
+        padded to a multiple of temporal_patch_size by repeating the last frame, and each patch holding
+        temporal_patch_size consecutive frames (rows in (t, h / m, w / m, m, m) order, values (C, t, p, p)).
+
+        Returns:
+            ({"pixel_values_videos": [t * h * w, C * tp * p * p] float32, "video_grid_thw": [1, 3] int64,
+            "second_per_grid_ts": [1] float32 (tp / fps)}, the video's visual tokens t * h * w / merge_size^2).
+        """
+        if not frames:
+            raise ValueError("video_inputs: a video needs at least one frame")
+        if not fps > 0:
+            raise ValueError(f"video_inputs: fps must be > 0, got {fps}")
+        size = frames[0].size
+        frames = [frame if frame.size == size else frame.resize(size) for frame in frames]
+        temporal = int(self.image_processor.temporal_patch_size)
+        frames = frames + [frames[-1]] * (-len(frames) % temporal)
+        per_frame, _ = self.visual_inputs(frames)  # each frame as an image: patches repeat it temporal times
+        grid = per_frame["image_grid_thw"][0]
+        rows = int(grid[1] * grid[2])
+        channels_time_patch = per_frame["pixel_values"].shape[1]  # C * t * p * p, stored as (C, t, p, p)
+        pixels = int(self.image_processor.patch_size) ** 2
+        channels = channels_time_patch // (temporal * pixels)
+        patches = per_frame["pixel_values"].view(len(frames), rows, channels, temporal, pixels)
+        first_slot = patches[:, :, :, 0]  # [T, rows, C, p * p]: the frame itself
+        groups = first_slot.view(len(frames) // temporal, temporal, rows, channels, -1)
+        video = groups.permute(0, 2, 3, 1, 4).reshape(len(frames) // temporal * rows, channels_time_patch)
+        video_grid = torch.tensor([[len(frames) // temporal, int(grid[1]), int(grid[2])]], dtype=torch.long)
+        merge = self.image_processor.merge_size
+        return ({"pixel_values_videos": video.contiguous(), "video_grid_thw": video_grid,
+                 "second_per_grid_ts": torch.tensor([temporal / fps], dtype=torch.float32)},
+                int(video_grid.prod()) // merge ** 2)
 
     def visual_inputs(self, images: list) -> tuple[dict, list[int]]:
         """({"pixel_values": [n_patches, C*t*p*p] float32, "image_grid_thw": [n, 3] int64} (None without images),
@@ -146,25 +193,31 @@ class ChatProcessor:
                                                   add_generation_prompt=add_generation_prompt)
 
 
-def conversation_messages(conversations: list[dict], n_images: int) -> list[dict]:
-    """LLaVA turns -> chat messages. ``<image>`` placeholders become {"type": "image"} entries where they stand
-    (the newline LLaVA writes after a placeholder is dropped); a record with images and no placeholder gets them
-    before the first human turn's text."""
+def conversation_messages(conversations: list[dict], n_images: int, n_videos: int = 0) -> list[dict]:
+    """LLaVA turns -> chat messages. ``<image>`` / ``<video>`` placeholders become {"type": "image"} /
+    {"type": "video"} entries where they stand (the newline LLaVA writes after a placeholder is dropped); a record
+    with images (a video) and no placeholder of that kind gets them before the first human turn's text, the video
+    first."""
     values = [turn["value"] for turn in conversations]
-    if n_images and not any(IMAGE_PLACEHOLDER in value for value in values):
-        first_human = next((i for i, turn in enumerate(conversations) if turn["from"] == "human"), None)
-        if first_human is not None:
-            values[first_human] = IMAGE_PLACEHOLDER * n_images + values[first_human]
+    first_human = next((i for i, turn in enumerate(conversations) if turn["from"] == "human"), None)
+    for placeholder, count in ((IMAGE_PLACEHOLDER, n_images), (VIDEO_PLACEHOLDER, n_videos)):
+        if count and first_human is not None and not any(placeholder in value for value in values):
+            values[first_human] = placeholder * count + values[first_human]
+    split = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
     messages = []
     for turn, value in zip(conversations, values):
         if turn["from"] == "gpt":
             messages.append({"role": "assistant", "content": [{"type": "text", "text": value}]})
             continue
-        content = []
-        for index, part in enumerate(value.split(IMAGE_PLACEHOLDER)):
-            if index > 0:
-                content.append({"type": "image"})
+        content, after_placeholder = [], False
+        for part in split.split(value):
+            if part in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER):
+                content.append({"type": "image" if part == IMAGE_PLACEHOLDER else "video"})
+                after_placeholder = True
+                continue
+            if after_placeholder:
                 part = part.removeprefix("\n")
+            after_placeholder = False
             if part:
                 content.append({"type": "text", "text": part})
         messages.append({"role": "user", "content": content})
@@ -200,8 +253,8 @@ def answer_spans(processor: ChatProcessor, messages: list[dict]) -> tuple[str, l
     return text, spans
 
 
-def expand_placeholders(text: str, token: str, counts: list[int],
-                        spans: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
+def expand_placeholders(text: str, token: str, counts: list[int], spans: list[tuple[int, int]],
+                        what: str = "images") -> tuple[str, list[tuple[int, int]]]:
     """Replaces the i-th `token` in text by counts[i] copies; returns the new text and the spans moved with it.
 
     Raises:
@@ -209,7 +262,7 @@ def expand_placeholders(text: str, token: str, counts: list[int],
     """
     found = text.count(token)
     if found != len(counts):
-        raise ValueError(f"the chat template wrote {found} {token} placeholders for {len(counts)} images")
+        raise ValueError(f"the chat template wrote {found} {token} placeholders for {len(counts)} {what}")
     pieces, shifts, position = [], [], 0
     for count in counts:
         at = text.index(token, position)
@@ -234,8 +287,10 @@ class ChatDataset(LlavaDataset):
 
     ``dataset[i]`` is None for a skipped sample, otherwise a dict with input_ids LongTensor [L], labels LongTensor
     [L] (-100 except on the answers and their end-of-turn token), mm_token_type_ids IntTensor [L] (1 at image
-    tokens, else 0), pixel_values FloatTensor [n_patches, C * t * p * p] and image_grid_thw LongTensor
-    [n_images, 3] (both None without images), id.
+    tokens, 2 at video tokens, else 0), pixel_values FloatTensor [n_patches, C * t * p * p] and image_grid_thw
+    LongTensor [n_images, 3] (both None without images), for a record with a ``video``: pixel_values_videos,
+    video_grid_thw [1, 3] and second_per_grid_ts [1] (see ChatProcessor.video_inputs; the record's "fps", default
+    2), id.
     """
 
     def __init__(self, records, image_folder, processor: ChatProcessor, **kwargs):
@@ -243,11 +298,29 @@ class ChatDataset(LlavaDataset):
         self.image_token = processor.image_token
         self.image_token_id = processor.image_token_id
 
+    @property
+    def visual_token_ids(self) -> frozenset[int]:
+        return frozenset({self.image_token_id, self.processor.video_token_id})
+
+    def _record_problem(self, record: dict) -> str | None:
+        if video_frame_names(record) and not self.processor.videos:
+            return "a video record: this model family takes images only here"
+        return placeholder_problem(record["conversations"], len(image_names(record)),
+                                   int(bool(video_frame_names(record))))
+
     def _encode(self, record: dict, images: list) -> tuple[list[int], list[int], dict]:
-        messages = conversation_messages(record["conversations"], len(images))
+        n_images = len(image_names(record))
+        images, frames = images[:n_images], images[n_images:]  # _image_paths: the images, then the video frames
+        messages = conversation_messages(record["conversations"], len(images), int(bool(frames)))
         text, spans = answer_spans(self.processor, messages)
         visual, counts = self.processor.visual_inputs(images)
         text, spans = expand_placeholders(text, self.image_token, counts, spans)
+        video_counts = []
+        if frames:
+            video, video_tokens = self.processor.video_inputs(frames, float(record.get("fps", DEFAULT_VIDEO_FPS)))
+            visual.update(video)
+            video_counts = [video_tokens]
+        text, spans = expand_placeholders(text, self.processor.video_token, video_counts, spans, what="videos")
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         input_ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
         labels = [IGNORE_INDEX] * len(input_ids)
@@ -260,7 +333,8 @@ class ChatDataset(LlavaDataset):
                                  f"({text[end:end + 20]!r} follows it)")
             for i in [*inside, after]:
                 labels[i] = input_ids[i]
-        token_types = [1 if token == self.image_token_id else 0 for token in input_ids]
+        video_id = self.processor.video_token_id
+        token_types = [1 if token == self.image_token_id else 2 if token == video_id else 0 for token in input_ids]
         visual["mm_token_type_ids"] = torch.tensor(token_types, dtype=torch.int)
         return input_ids, labels, visual
 

@@ -1,7 +1,9 @@
 """LLaVA-format supervised data: records, the llava-1.5 prompt, label masks, images and batches.
 
 A record is ``{"id": ..., "image": None | "a.jpg" | ["a.jpg", "b.jpg"], "conversations": [{"from": "human",
-"value": "<image>\\nWhat is ..."}, {"from": "gpt", "value": "..."}, ...]}`` (LLaVA-665K style).
+"value": "<image>\\nWhat is ..."}, {"from": "gpt", "value": "..."}, ...]}`` (LLaVA-665K style); the chat-template
+families (epic_ext.train.chat_data) also take ``"video": ["f0.jpg", "f1.jpg", ...]`` (frames in time order, one
+``<video>`` placeholder).
 
 The prompt is the llava-1.5-hf one: ``<s>USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>``. Every
 ``<image>`` placeholder is expanded with the processor's own ``replace_image_token`` (the string
@@ -26,13 +28,14 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 # The CLIP mean colour, as LLaVA pads non-square images (expand2square).
 LLAVA_BACKGROUND = (122, 116, 104)
 _ROLES = ("human", "gpt")
 
 
 # Per-image (per-video) tensors of the chat-template families, concatenated over a batch in sample order.
-GRID_KEYS = ("image_grid_thw",)
+GRID_KEYS = ("image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 # Why a sample can be skipped (LlavaDataset.skipped keys), in the order reports list them.
 SKIP_REASONS = ("missing_image", "corrupt_image", "bad_record", "too_long", "no_labels")
 
@@ -47,13 +50,23 @@ def image_names(record: dict) -> list[str]:
     return [] if image is None else [image] if isinstance(image, str) else list(image)
 
 
-def placeholder_problem(conversations: list[dict], n_images: int) -> str | None:
-    """Why the record's ``<image>`` placeholders do not fit its images (None when they do). Placeholders may be
-    left out entirely: the prompt then gets one per image before the first human turn."""
-    count = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in conversations)
-    if count == 0 and n_images and any(turn["from"] == "human" for turn in conversations):
-        count = n_images
-    return None if count == n_images else f"{count} {IMAGE_PLACEHOLDER} placeholders for {n_images} images"
+def video_frames(record: dict) -> list[str]:
+    """The record's video frame paths (a `video` field: a list of image files, in time order), or []."""
+    return list(record.get("video") or [])
+
+
+def placeholder_problem(conversations: list[dict], n_images: int, n_videos: int = 0) -> str | None:
+    """Why the record's ``<image>`` / ``<video>`` placeholders do not fit its images and video (None when they do).
+    Placeholders of a kind may be left out entirely: the prompt then gets them before the first human turn."""
+    has_human = any(turn["from"] == "human" for turn in conversations)
+    for placeholder, expected, what in ((IMAGE_PLACEHOLDER, n_images, "images"), (VIDEO_PLACEHOLDER, n_videos,
+                                                                                   "videos")):
+        count = sum(turn["value"].count(placeholder) for turn in conversations)
+        if count == 0 and expected and has_human:
+            count = expected
+        if count != expected:
+            return f"{count} {placeholder} placeholders for {expected} {what}"
+    return None
 
 
 def scan_records(records: Sequence[dict], image_folder: str | os.PathLike | None, *,
@@ -74,8 +87,9 @@ def scan_records(records: Sequence[dict], image_folder: str | os.PathLike | None
     skipped: Counter = Counter()
     for index, record in enumerate(records):
         sample_id = record.get("id", index)
-        names = image_names(record)
-        problem = placeholder_problem(record["conversations"], len(names))
+        names = image_names(record) + video_frames(record)
+        problem = placeholder_problem(record["conversations"], len(image_names(record)),
+                                      int(bool(video_frames(record))))
         if problem is not None:
             if on_bad_image == "error":
                 raise ValueError(f"record {sample_id!r} (index {index}): {problem}")
@@ -108,6 +122,9 @@ def _check_record(record: Any, where: str) -> None:
     if image is not None and not isinstance(image, str) and not (
             isinstance(image, list) and all(isinstance(item, str) for item in image)):
         raise ValueError(f"{name}: 'image' must be a string or a list of strings, got {image!r}")
+    video = record.get("video")
+    if video is not None and not (isinstance(video, list) and video and all(isinstance(f, str) for f in video)):
+        raise ValueError(f"{name}: 'video' must be a non-empty list of frame image files, got {video!r}")
 
 
 def load_records(path: str | os.PathLike) -> list[dict]:
@@ -231,7 +248,13 @@ class LlavaDataset(torch.utils.data.Dataset):
         self._skipped[index] = (reason, sample_id)
 
     def _image_paths(self, record: dict) -> list[str]:
-        return [os.path.join(self.image_folder, name) for name in image_names(record)]
+        """Every image file the sample loads (the model's images, then any video frames)."""
+        return [os.path.join(self.image_folder, name) for name in image_names(record) + video_frames(record)]
+
+    def _record_problem(self, record: dict) -> str | None:
+        if video_frames(record):
+            return "a video record: LLaVA-1.5 takes images only"
+        return placeholder_problem(record["conversations"], len(image_names(record)))
 
     def _load_image(self, path: str, sample_id: Any, index: int):
         from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
@@ -298,7 +321,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         sample_id = record.get("id", index)
         self._visited.add(index)
         paths = self._image_paths(record)
-        detail = placeholder_problem(record["conversations"], len(paths))
+        detail = self._record_problem(record)
         if detail is not None:
             if self.on_bad_image == "error":
                 raise ValueError(f"record {sample_id!r} (index {index}): {detail}")

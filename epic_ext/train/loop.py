@@ -151,7 +151,7 @@ def load_model_and_processor(cfg: TrainConfig):
     if family.chat_template:
         from .chat_data import ChatProcessor  # noqa: PLC0415
 
-        processor = ChatProcessor.from_pretrained(cfg.model)
+        processor = ChatProcessor.from_pretrained(cfg.model, videos=family.videos)
     else:
         processor = AutoProcessor.from_pretrained(cfg.model)
     return model, processor, family
@@ -318,8 +318,9 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
         own_grad_norm = None
         for batch in micro_batches:
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            if batch.get("pixel_values") is not None:
-                batch["pixel_values"] = batch["pixel_values"].to(engine.module.dtype)
+            for key in ("pixel_values", "pixel_values_videos"):
+                if batch.get(key) is not None:
+                    batch[key] = batch[key].to(engine.module.dtype)
             out = distillation_loss(engine.module, handle, batch, comp, distill, normalizer)
             engine.backward(out["loss"])
             if engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():

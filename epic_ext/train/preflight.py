@@ -63,6 +63,10 @@ def preflight(cfg: TrainConfig) -> Checked:
             raise UsageError(f"--eval-keep values must be <= the model's {visual} visual tokens, got "
                              f"{cfg.eval_keep}")
     records = load_records_option(cfg.data, "--data")
+    video_record = next((r.get("id", i) for i, r in enumerate(records) if r.get("video")), None)
+    if video_record is not None and not family.videos:
+        raise UsageError(f"--data: record {video_record!r} has a video; training takes video records for "
+                         f"{', '.join(f.name for f in TRAINABLE.values() if f.videos)} models, not {family.name}")
     if cfg.eval_data:
         load_records_option(cfg.eval_data, "--eval-data")
     if len(records) < world_size:
