@@ -65,7 +65,9 @@ class ChatProcessor:
         Raises:
             ValueError: no chat template in the checkpoint, or a slow tokenizer (no offsets).
         """
-        from transformers import AutoImageProcessor, AutoTokenizer  # noqa: PLC0415
+        from transformers import AutoTokenizer  # noqa: PLC0415
+
+        from ..models._hf import image_processor_from_pretrained  # noqa: PLC0415
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         if not getattr(tokenizer, "is_fast", False):
@@ -82,7 +84,7 @@ class ChatProcessor:
         if not template:
             raise ValueError(f"{path}: no chat template (tokenizer_config.json, chat_template.jinja or "
                              "chat_template.json)")
-        image_processor = AutoImageProcessor.from_pretrained(path)
+        image_processor = image_processor_from_pretrained(path)
         image_token = getattr(tokenizer, "image_token", None) or QWEN_IMAGE_TOKEN
         if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
             raise ValueError(f"{path}: the tokenizer has no {image_token} token")
