@@ -88,7 +88,8 @@ def collect_items(records: Sequence[dict], image_folder: str | os.PathLike, *,
             skipped["no_answer"] += 1
             continue
         images = [os.path.join(image_folder, name) for name in image_names(record)]
-        problem = _item_problem(question, images)
+        problem = (("bad_record", "a video record: evaluation takes images only") if record.get("video")
+                   else _item_problem(question, images))
         if problem is not None:
             if on_bad_image == "error":
                 raise ValueError(f"eval: record {record_id!r} (index {index}): {problem[1]}")

@@ -244,3 +244,23 @@ def test_record_with_an_image_and_a_video(processor, images, frames):
     assert ChatDataset([record], images, images_only, max_length=512)[0] is None
     with pytest.raises(ValueError, match="takes images only"):
         ChatDataset([record], images, images_only, max_length=512, on_bad_image="error")[0]
+
+
+def test_save_pretrained_from_a_hub_id_saves_tokenizer_image_processor_and_template(processor, tmp_path):
+    hub = ChatProcessor(**{**processor.__dict__, "source": "org/not-a-directory"})
+    hub.save_pretrained(tmp_path / "out")
+    loaded = ChatProcessor.from_pretrained(str(tmp_path / "out"))
+    assert loaded.chat_template == QWEN_CHAT_TEMPLATE
+    assert loaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    assert loaded.image_processor.to_dict() == processor.image_processor.to_dict()
+
+
+def test_eval_skips_video_records(tmp_path):
+    from epic_ext.eval import collect_items
+
+    record = {"id": "v", "video": ["a.png"], "conversations": [{"from": "human", "value": "<video> what ?"},
+                                                              {"from": "gpt", "value": "red"}]}
+    items, skipped = collect_items([record], tmp_path)
+    assert items == [] and skipped == {"bad_record": 1}
+    with pytest.raises(ValueError, match="evaluation takes images only"):
+        collect_items([record], tmp_path, on_bad_image="error")

@@ -94,10 +94,17 @@ class ChatProcessor:
 
     def save_pretrained(self, target: str | os.PathLike) -> None:
         """Copies the checkpoint's processor files (everything but the weights and the model / generation config)
-        into `target`, so AutoProcessor / AutoTokenizer load there exactly what training used."""
+        into `target`, so AutoProcessor / AutoTokenizer load there exactly what training used. A source that is
+        not a local directory (a Hub id): the tokenizer and image processor are saved, with the chat template."""
         import shutil  # noqa: PLC0415
 
         os.makedirs(target, exist_ok=True)
+        if not os.path.isdir(self.source):
+            self.tokenizer.save_pretrained(os.fspath(target))
+            self.image_processor.save_pretrained(os.fspath(target))
+            with open(os.path.join(target, "chat_template.jinja"), "w", encoding="utf-8") as handle:
+                handle.write(self.chat_template)
+            return
         skip_names = {"config.json", "generation_config.json", "model.safetensors.index.json",
                       "pytorch_model.bin.index.json"}
         for name in sorted(os.listdir(self.source)):
