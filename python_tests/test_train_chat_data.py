@@ -264,3 +264,23 @@ def test_eval_skips_video_records(tmp_path):
     assert items == [] and skipped == {"bad_record": 1}
     with pytest.raises(ValueError, match="evaluation takes images only"):
         collect_items([record], tmp_path, on_bad_image="error")
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_parameter_parts_split_qwen_models(family):
+    """Vision tower / patch merger(s) = projector / language model + lm_head: every parameter exactly once."""
+    from epic_ext.models.families import parameter_parts
+    from epic_ext.models.tiny import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl
+
+    model = {"qwen2_5_vl": build_tiny_qwen2_5_vl, "qwen3_vl": build_tiny_qwen3_vl}[family](seed=0)
+    parts = parameter_parts(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    named = {part: sorted(names[id(p)] for p in params) for part, params in parts.items()}
+    assert sorted(n for part in named.values() for n in part) == sorted(names.values())
+    projector_prefixes = ("model.visual.merger.", "model.visual.deepstack_merger_list.")
+    assert named["projector"] and all(n.startswith(projector_prefixes) for n in named["projector"])
+    assert (family == "qwen3_vl") == any("deepstack_merger_list" in n for n in named["projector"])
+    assert named["vision"] and all(n.startswith("model.visual.") and not n.startswith(projector_prefixes)
+                                   for n in named["vision"])
+    assert all(n.startswith(("model.language_model.", "lm_head.")) for n in named["llm"])
+    assert "lm_head.weight" in named["llm"]
