@@ -236,7 +236,8 @@ def report(model="llava-1.5-7b", keeps: Sequence[int] | None = None, layer: int 
         raise ValueError(f"text_tokens must be >= 0 and batch >= 1, got text_tokens={text_tokens}, batch={batch}")
     for keep in keeps:
         if not (isinstance(keep, int) and 0 <= keep <= n_visual):
-            raise ValueError(f"keep must be in [0, {n_visual}] (visual tokens per sample of {shape.name}), got {keep!r}")
+            raise ValueError(f"keep must be in [0, {n_visual}] (visual tokens per sample of {shape.name}), "
+                             f"got {keep!r}")
     low = get_compressor(method).min_layer
     if not isinstance(layer, int) or not (low <= layer < shape.layers):
         raise ValueError(f"layer must be in [{low}, {shape.layers - 1}] for method {method!r} on {shape.name} "

@@ -10,8 +10,8 @@ pytest.importorskip("transformers")
 
 from epic_ext.models import apply_compression, supported_classes  # noqa: E402
 from epic_ext.models.tiny import build_tiny_llava_next  # noqa: E402
-from model_reference import (MultimodalBatch, check_against_reference, check_batched_generate_equals_single,  # noqa: E402
-                             check_ratio_zero_and_remove)
+from model_reference import (  # noqa: E402
+    MultimodalBatch, check_against_reference, check_batched_generate_equals_single, check_ratio_zero_and_remove)
 
 # Different image sizes (10, 24, 20 and 36 visual tokens incl. newline slots), two images in one sample, text only.
 LAYOUTS = [[3, ("img", (28, 28)), 6],

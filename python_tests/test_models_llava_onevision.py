@@ -11,8 +11,8 @@ pytest.importorskip("transformers")
 
 from epic_ext.models import apply_compression  # noqa: E402
 from epic_ext.models.tiny import build_tiny_llava_onevision  # noqa: E402
-from model_reference import (MultimodalBatch, check_against_reference, check_batched_generate_equals_single,  # noqa: E402
-                             check_ratio_zero_and_remove)
+from model_reference import (  # noqa: E402
+    MultimodalBatch, check_against_reference, check_batched_generate_equals_single, check_ratio_zero_and_remove)
 
 # Different image sizes, an image and a video in one sample, a video alone, two images, text only.
 LAYOUTS = [[3, ("img", (28, 28)), 6],
