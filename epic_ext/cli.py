@@ -8,6 +8,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 # A Hugging Face Hub id ("org/name"): anything else that is not a local directory is a missing path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -74,15 +75,16 @@ def load_records_option(path: str | None, option: str) -> list[dict]:
     return records
 
 
-def load_model_config(path: str | None, option: str = "--model"):
+def load_model_config(path: str | None, option: str = "--model", families: Mapping[str, Any] | None = None):
     """The transformers config of a llava-hf checkpoint (config.json only: no weights are read).
 
     Args:
         path: a local checkpoint directory, or a Hub id ("org/name").
         option: the command-line option named in errors.
+        families: model_type -> epic_ext.models.families.Family accepted (None: LLaVA-1.5 only).
 
     Returns:
-        The LlavaConfig (num_hidden_layers and image_seq_length resolved, defaults included).
+        The model's config (LlavaConfig: num_hidden_layers and image_seq_length resolved, defaults included).
 
     Raises:
         UsageError: a missing directory, a directory without config.json, an unreadable config, or a model
@@ -104,9 +106,17 @@ def load_model_config(path: str | None, option: str = "--model"):
     except (OSError, ValueError, KeyError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"{option}: cannot read the config of {path}: {first}") from error
-    if getattr(config, "model_type", None) != "llava":
-        raise UsageError(f"{option}: {path} is a {getattr(config, 'model_type', None)!r} model; this command "
-                         "supports LLaVA (LlavaForConditionalGeneration, model_type 'llava')")
+    if families is None:
+        if getattr(config, "model_type", None) != "llava":
+            raise UsageError(f"{option}: {path} is a {getattr(config, 'model_type', None)!r} model; this command "
+                             "supports LLaVA (LlavaForConditionalGeneration, model_type 'llava')")
+        return config
+    from .models.families import family_of  # noqa: PLC0415
+
+    try:
+        family_of(config, families)
+    except ValueError as error:
+        raise UsageError(f"{option}: {path}: {error}") from None
     return config
 
 

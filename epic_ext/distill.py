@@ -21,7 +21,13 @@ from . import ops
 from .models import CompressionHandle, prompt_query_positions
 from .schedules import CompressionStep
 
-__all__ = ["DistillConfig", "shifted_targets", "distillation_loss"]
+__all__ = ["DistillConfig", "shifted_targets", "distillation_loss", "MODEL_INPUT_KEYS", "visual_mask"]
+
+# Batch entries handed to the multimodal model besides input_ids / attention_mask (those present and not None):
+# LLaVA's pixel_values; Qwen-VL's pixel_values + image_grid_thw, mm_token_type_ids (its M-RoPE positions) and a
+# video's pixel_values_videos + video_grid_thw + second_per_grid_ts.
+MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw",
+                    "second_per_grid_ts")
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,12 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:  # noqa: D401
     return targets
 
 
+def visual_mask(handle: CompressionHandle, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: the visual placeholder tokens of the handle's family (image, video)."""
+    ids = handle.adapter.visual_token_ids(handle.config)
+    return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+
+
 def _supervised_rows(handle: CompressionHandle, model, batch: dict, targets: torch.Tensor, ratio: float, layer: int,
                      query_positions: torch.Tensor):
     """One pass at (ratio, layer); returns (hidden rows [N, D] at supervised positions, their targets [N])."""
@@ -54,9 +66,10 @@ def _supervised_rows(handle: CompressionHandle, model, batch: dict, targets: tor
         override = handle.override(ratio=0.0)
     else:
         override = handle.override(ratio=ratio, layer=layer, query_positions=query_positions)
+    inputs = {key: batch[key] for key in MODEL_INPUT_KEYS if batch.get(key) is not None}
     with override:
-        out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          pixel_values=batch.get("pixel_values"), use_cache=False)
+        out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                          **inputs)
         kept = handle.last_kept_positions
     hidden = out.last_hidden_state  # [B, L', D]
     if kept is None:
@@ -71,8 +84,9 @@ def distillation_loss(model, handle: CompressionHandle, batch: dict, step: Compr
     """Student pass (with grad) at step.student_*, teacher pass (no grad) at step.teacher_*; the combined loss.
 
     Args:
-        model: LlavaForConditionalGeneration patched by apply_compression (handle).
-        batch: input_ids [B, L], attention_mask [B, L], labels [B, L] (-100 = not supervised), pixel_values.
+        model: a supported multimodal model patched by apply_compression (handle).
+        batch: input_ids [B, L], attention_mask [B, L], labels [B, L] (-100 = not supervised), and the model's
+            visual inputs (MODEL_INPUT_KEYS: pixel_values; Qwen-VL also image_grid_thw, mm_token_type_ids).
         step: the schedule's CompressionStep for this optimizer step.
         normalizer: what the summed losses are divided by (supervised tokens of the optimizer step, scaled for
             the number of micro-batches and ranks by the caller); clamped to >= 1.
@@ -82,8 +96,8 @@ def distillation_loss(model, handle: CompressionHandle, batch: dict, step: Compr
     """
     labels = batch["labels"]
     # A visual position may be dropped by either pass, so the token after it is not a distillation row (never the
-    # case in LLaVA prompts, where "ASSISTANT:" separates images from answers).
-    image_mask = batch["input_ids"] == model.config.image_token_id
+    # case in LLaVA prompts, where "ASSISTANT:" separates images from answers, nor in chat templates).
+    image_mask = visual_mask(handle, batch["input_ids"])
     targets = shifted_targets(labels).masked_fill(image_mask, -100)
     query_positions = prompt_query_positions(batch["attention_mask"], labels)
     lm_head = model.get_output_embeddings()

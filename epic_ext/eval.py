@@ -1,5 +1,5 @@
-"""`python -m epic_ext.eval`: exact-match accuracy of a LLaVA model on a LLaVA-format QA file at several
-compression settings, with the efficiency figures (visual tokens kept, prefill FLOPs, KV cache) beside each row.
+"""`python -m epic_ext.eval`: exact-match accuracy of a LLaVA-1.5, Qwen2.5-VL or Qwen3-VL model on a LLaVA-format QA
+file at several compression settings, with the efficiency figures (visual tokens kept, prefill FLOPs, KV cache) beside each row.
 
 Each item is the first human turn (the question, with its image) and the first gpt turn (the reference answer);
 answers are generated greedily and compared after normalisation (lower case, punctuation and surrounding space
@@ -8,6 +8,7 @@ removed). Items with a "family" field are also scored per family.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from .cli import (HelpFormatter, Parser, UsageError, check_skipped, describe_ski
 from .compress import available as available_methods
 from .compress import get_compressor
 from .models import apply_compression
+from .models.families import TRAINABLE, family_of, load_model
 from .train.data import IMAGE_PLACEHOLDER, image_names
 
 _logger = logging.getLogger(__name__)
@@ -86,7 +88,8 @@ def collect_items(records: Sequence[dict], image_folder: str | os.PathLike, *,
             skipped["no_answer"] += 1
             continue
         images = [os.path.join(image_folder, name) for name in image_names(record)]
-        problem = _item_problem(question, images)
+        problem = (("bad_record", "a video record: evaluation takes images only") if record.get("video")
+                   else _item_problem(question, images))
         if problem is not None:
             if on_bad_image == "error":
                 raise ValueError(f"eval: record {record_id!r} (index {index}): {problem[1]}")
@@ -105,20 +108,36 @@ def load_items(records: Sequence[dict], image_folder: str | os.PathLike) -> list
     return collect_items(records, image_folder)[0]
 
 
-def _generate(model, processor, items: list[dict], batch_size: int, max_new_tokens: int, device) -> list[str]:
+def _prompt_inputs(processor, chunk: list[dict]) -> dict:
+    """The generation inputs of a chunk of items: LLaVA-1.5's USER/ASSISTANT prompt through its processor, or the
+    chat template of a chat-template family (epic_ext.train.chat_data.ChatProcessor); left padded."""
     from PIL import Image  # noqa: PLC0415
 
+    images = [[Image.open(p).convert("RGB") for p in item["images"]] for item in chunk]
+    if hasattr(processor, "prompt_batch"):
+        batch = processor.prompt_batch([[{"from": "human", "value": item["question"]}] for item in chunk], images,
+                                       padding_side="left")
+        return {k: v for k, v in batch.items() if k not in ("labels", "ids") and v is not None}
+    prompts = ["USER: " + item["question"] + " ASSISTANT:" for item in chunk]
+    flat = [image for item_images in images for image in item_images]
+    return dict(processor(text=prompts, images=flat or None, return_tensors="pt", padding=True))
+
+
+def _generate(model, processor, items: list[dict], batch_size: int, max_new_tokens: int, device
+              ) -> tuple[list[str], list[int]]:
+    """(answers, visual tokens of each item's prompt)."""
+    from .models.engine import adapter_for  # noqa: PLC0415
+
+    visual_ids = torch.tensor(adapter_for(model).visual_token_ids(model.config))
     tokenizer = processor.tokenizer
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the last column
-    answers = []
+    answers, visual_counts = [], []
     try:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            prompts = ["USER: " + item["question"] + " ASSISTANT:" for item in chunk]
-            images = [Image.open(p).convert("RGB") for item in chunk for p in item["images"]]
-            inputs = processor(text=prompts, images=images or None, return_tensors="pt", padding=True)
-            inputs = {k: v.to(device) for k, v in inputs.items()}
+            inputs = {k: v.to(device) for k, v in _prompt_inputs(processor, chunk).items()}
+            visual_counts += torch.isin(inputs["input_ids"].cpu(), visual_ids).sum(dim=1).tolist()
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
             with torch.no_grad():
@@ -130,7 +149,7 @@ def _generate(model, processor, items: list[dict], batch_size: int, max_new_toke
                 answers.append(tokenizer.decode(row, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = old_side
-    return answers
+    return answers, visual_counts
 
 
 def evaluate(model, processor, items: list[dict], settings: Sequence[dict], *, batch_size: int = 8,
@@ -138,8 +157,10 @@ def evaluate(model, processor, items: list[dict], settings: Sequence[dict], *, b
     """Accuracy rows, one per setting.
 
     Args:
-        settings: dicts with "method" and "keep" (visual tokens kept per image; None or all = no compression),
+        settings: dicts with "method" and "keep" (visual tokens kept: per image for LLaVA-1.5, where the model's
+            count means no compression; per sample for the dynamic-resolution families; None = no compression),
             and optionally "layer" (default 2).
+        processor: LLaVA-1.5's processor, or a ChatProcessor (epic_ext.train.chat_data) for Qwen2.5-VL / Qwen3-VL.
         seed: seeds the generator of random compression, so every model sees the same drop pattern.
 
     Returns:
@@ -151,29 +172,34 @@ def evaluate(model, processor, items: list[dict], settings: Sequence[dict], *, b
     device = device or next(model.parameters()).device
     model.eval()
     shape = efficiency.model_shape(model)
+    fixed = shape.visual_tokens if shape.family == "llava" else None  # dynamic resolution: counted per item
     for setting in settings:
         keep = setting.get("keep")
-        if keep is not None and not 0 <= keep <= shape.visual_tokens:
-            raise ValueError(f"evaluate: keep must be in [0, {shape.visual_tokens}] (the model's visual tokens per "
-                             f"image), got {keep}")
+        if keep is not None and fixed is not None and not 0 <= keep <= fixed:
+            raise ValueError(f"evaluate: keep must be in [0, {fixed}] (the model's visual tokens per image), got "
+                             f"{keep}")
+        if keep is not None and keep < 0:
+            raise ValueError(f"evaluate: keep must be >= 0, got {keep}")
     rows = []
     for setting in settings:
         method, keep, layer = setting.get("method", "fastv"), setting.get("keep"), setting.get("layer", 2)
-        full = keep is None or keep >= shape.visual_tokens
+        full = keep is None or (fixed is not None and keep >= fixed)
         handle = None
         if not full:
             kwargs = {"generator": torch.Generator().manual_seed(seed)} if method == "random" else {}
             handle = apply_compression(model, method, layer=layer, keep=int(keep), **kwargs)
         try:
-            predictions = _generate(model, processor, items, batch_size, max_new_tokens, device)
+            predictions, visual_counts = _generate(model, processor, items, batch_size, max_new_tokens, device)
         finally:
             if handle is not None:
                 handle.remove()
+        if fixed is None:  # the cost of the mean item (at least one visual token)
+            shape = dataclasses.replace(shape, visual_tokens=max(round(sum(visual_counts) / max(len(items), 1)), 1))
         correct = [normalize_answer(p) == normalize_answer(item["answer"]) for p, item in zip(predictions, items)]
         families: dict[str, list[bool]] = {}
         for ok, item in zip(correct, items):
             families.setdefault(item["family"], []).append(ok)
-        kept = shape.visual_tokens if full else int(keep)
+        kept = shape.visual_tokens if full else min(int(keep), shape.visual_tokens)
         # without compression the layer is irrelevant: any valid one gives the uncompressed cost
         cost = efficiency.report(shape, keeps=[kept], layer=0 if full else layer, text_tokens=32,
                                  dtype="fp32" if model.dtype == torch.float32 else "bf16",
@@ -202,13 +228,15 @@ def build_parser() -> Parser:
     """The parser of `python -m epic_ext.eval`; --help shows every default."""
     parser = Parser(prog="python -m epic_ext.eval", formatter_class=HelpFormatter,
                     description=DESCRIPTION + "\n\n" + " ".join(__doc__.split("\n\n")[1].split()))
-    parser.add_argument("--model", required=True, help="llava-hf checkpoint directory (model + processor)")
+    parser.add_argument("--model", required=True, help="checkpoint directory (model + processor): LLaVA-1.5 (llava-hf), "
+                        "Qwen2.5-VL or Qwen3-VL")
     parser.add_argument("--data", required=True, help="LLaVA-format JSON / JSONL QA file")
     parser.add_argument("--image-folder", default=".", help="folder the records' image paths start from")
     parser.add_argument("--method", nargs="+", default=["fastv"], help=f"compressors, of {available_methods()}")
     parser.add_argument("--keep", type=int, nargs="+", default=None,
-                        help="visual tokens kept per image (default: all of the model's, 1/3, 2/9 and 1/9 of them: "
-                             "576 192 128 64 for LLaVA-1.5); at most the model's visual tokens")
+                        help="visual tokens kept per image for LLaVA-1.5 (default: all of the model's, 1/3, 2/9 and 1/9 "
+                             "of them: 576 192 128 64); per sample, over all its images, for Qwen2.5-VL / Qwen3-VL "
+                             "(required there: their counts vary with the image sizes)")
     parser.add_argument("--layer", type=int, default=2, help="compression layer K")
     parser.add_argument("--batch-size", type=int, default=8, help="items generated together")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="longest generated answer")
@@ -236,14 +264,24 @@ def _check_args(args, config) -> list[int]:
     unknown = [m for m in args.method if m not in available_methods()]
     if unknown:
         raise UsageError(f"--method must be among {available_methods()}, got {unknown}")
-    visual = config.image_seq_length
-    keeps = args.keep or [visual, visual // 3, 2 * visual // 9, visual // 9]
-    bad = [k for k in keeps if not 1 <= k <= visual]
-    if bad:
-        raise UsageError(f"--keep must be in [1, {visual}] (the model's visual tokens per image), got {bad}")
+    family = family_of(config)
+    if family.chat_template:  # dynamic resolution: no fixed count, keep is per sample over all its visual tokens
+        if not args.keep:
+            raise UsageError(f"--keep is required for a {family.name} model (its visual tokens per sample vary with "
+                             "the image sizes): give the visual tokens kept per sample")
+        keeps, visual = args.keep, None
+        bad = [k for k in keeps if k < 1]
+        if bad:
+            raise UsageError(f"--keep values must be >= 1, got {bad}")
+    else:
+        visual = config.image_seq_length
+        keeps = args.keep or [visual, visual // 3, 2 * visual // 9, visual // 9]
+        bad = [k for k in keeps if not 1 <= k <= visual]
+        if bad:
+            raise UsageError(f"--keep must be in [1, {visual}] (the model's visual tokens per image), got {bad}")
     layers = config.text_config.num_hidden_layers
     low = max(get_compressor(m).min_layer for m in args.method)
-    if any(k < visual for k in keeps) and not low <= args.layer < layers:
+    if any(visual is None or k < visual for k in keeps) and not low <= args.layer < layers:
         raise UsageError(f"--layer must be in [{low}, {layers - 1}] for --method {' '.join(args.method)} on this "
                          f"model ({layers} decoder layers), got {args.layer}")
     try:
@@ -255,9 +293,21 @@ def _check_args(args, config) -> list[int]:
     return keeps
 
 
+def load_processor(path: str, family):
+    """LLaVA-1.5: its AutoProcessor; chat-template families: a ChatProcessor (tokenizer + chat template + image
+    processor)."""
+    if family.chat_template:
+        from .train.chat_data import ChatProcessor  # noqa: PLC0415
+
+        return ChatProcessor.from_pretrained(path)
+    from transformers import AutoProcessor  # noqa: PLC0415
+
+    return AutoProcessor.from_pretrained(path)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    config = load_model_config(args.model)
+    config = load_model_config(args.model, families=TRAINABLE)
     keeps = _check_args(args, config)
     records = load_records_option(args.data, "--data")
     try:
@@ -268,12 +318,12 @@ def _main(argv: Sequence[str] | None) -> int:
                   what="evaluation records")
     if args.limit is not None:
         items = items[: args.limit]
-    from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: PLC0415
-
-    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=efficiency.DTYPES[args.dtype])
+    model = load_model(args.model, family_of(config), efficiency.DTYPES[args.dtype])
     model.to(args.device)
-    processor = AutoProcessor.from_pretrained(args.model)
+    processor = load_processor(args.model, family_of(config))
     settings = [{"method": m, "keep": k, "layer": args.layer} for m in args.method for k in keeps]
+    if family_of(config).chat_template:  # the uncompressed row first (LLaVA-1.5: the default keeps start with it)
+        settings.insert(0, {"method": "none", "keep": None, "layer": args.layer})
     rows = evaluate(model, processor, items, settings, batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed)
     if sum(skipped.values()):

@@ -31,7 +31,9 @@ DEFAULT_TESTS = ["python_tests/test_models_llava.py", "python_tests/test_models_
                  "python_tests/test_models_llava_onevision.py", "python_tests/test_models_qwen_vl.py",
                  "python_tests/test_efficiency.py",
                  "python_tests/test_distill.py", "python_tests/test_train_data.py",
-                 "python_tests/test_train_config.py", "python_tests/test_train_loop.py"]
+                 "python_tests/test_train_config.py", "python_tests/test_train_loop.py",
+                 "python_tests/test_train_chat_data.py", "python_tests/test_train_loop_chat.py",
+                 "python_tests/test_eval_cli.py"]
 
 
 def lowest_version() -> str:

@@ -327,3 +327,27 @@ def qwen_rope_deltas(model_module) -> torch.Tensor | None:
     q3:1115). Decoding without position_ids and without an attention mask adds it to `cache.get_seq_length()`
     (compute_3d_position_ids, q25:1156-1167, q3:1119-1130), i.e. to cache layer 0's length."""
     return getattr(model_module, "rope_deltas", None)
+
+
+# ------------------------------------------------------------------------------------------- image processors --
+def image_processor_from_pretrained(path: str):
+    """The checkpoint's image processor. AutoImageProcessor picks the PIL backend by itself when torchvision is
+    missing from 5.24 on; 5.17's AutoImageProcessor raises ImportError there, while the top-level class named by
+    preprocessor_config.json's `image_processor_type` (e.g. Qwen2VLImageProcessor) falls back to its PIL twin in
+    both releases."""
+    import json  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    transformers = _modules()["transformers"]
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(path)
+    except ImportError:
+        config_file = os.path.join(path, "preprocessor_config.json")
+        if not os.path.isfile(config_file):
+            raise
+        with open(config_file, encoding="utf-8") as handle:
+            name = json.load(handle).get("image_processor_type")
+        image_processor_class = getattr(transformers, name, None) if name else None
+        if image_processor_class is None:
+            raise
+        return image_processor_class.from_pretrained(path)

@@ -1,5 +1,5 @@
-"""Tiny LLaVA, LLaVA-NeXT and LLaVA-OneVision models built from config (no download): for tests, the demo and
-benchmarks on CPU.
+"""Tiny LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL and Qwen3-VL models built from config (no download): for
+tests, the demo and benchmarks on CPU.
 
 The same classes as real checkpoints, only small: a 2-layer vision tower (CLIP; SigLIP for OneVision), an MLP
 projector and a language model with grouped-query attention (Llama; Qwen2 for OneVision). Tiny Qwen2.5-VL and

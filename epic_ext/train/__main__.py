@@ -60,25 +60,33 @@ def prepare_demo(cfg: TrainConfig) -> TrainConfig:
 
 def run_eval(cfg: TrainConfig, model_dir: str) -> list[dict]:
     import torch  # noqa: PLC0415
-    from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: PLC0415
 
     from ..cli import check_skipped, load_records_option  # noqa: PLC0415
-    from ..eval import collect_items, evaluate, format_rows  # noqa: PLC0415
+    from ..eval import collect_items, evaluate, format_rows, load_processor  # noqa: PLC0415
+    from ..models.families import family_of, load_model  # noqa: PLC0415
 
     # the same skip policy as training: bad records are skipped and counted, too many of them stop the run
     records = load_records_option(cfg.eval_data, "--eval-data")
     items, skipped = collect_items(records, cfg.image_folder, on_bad_image=cfg.on_bad_image)
     check_skipped(skipped, len(records), cfg.max_skip_fraction, image_folder=cfg.image_folder,
                   what="evaluation records")
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    family = family_of(AutoConfig.from_pretrained(model_dir))
+    model = load_model(model_dir, family, torch.float32)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    processor = AutoProcessor.from_pretrained(model_dir)
-    visual = model.config.image_seq_length
-    keeps = cfg.eval_keep or [visual, visual // 2, visual // 4, visual // 8]
-    settings = [{"method": "fastv", "keep": visual, "layer": cfg.layer}]
-    settings += [{"method": m, "keep": k, "layer": cfg.layer} for k in keeps if k < visual
-                 for m in ("fastv", "dart", "random")]
+    processor = load_processor(model_dir, family)
+    if family.chat_template:  # per-sample budgets (preflight made --eval-keep required)
+        settings = [{"method": "none", "keep": None, "layer": cfg.layer}]
+        settings += [{"method": m, "keep": k, "layer": cfg.layer} for k in cfg.eval_keep
+                     for m in ("fastv", "dart", "random")]
+    else:
+        visual = model.config.image_seq_length
+        keeps = cfg.eval_keep or [visual, visual // 2, visual // 4, visual // 8]
+        settings = [{"method": "fastv", "keep": visual, "layer": cfg.layer}]
+        settings += [{"method": m, "keep": k, "layer": cfg.layer} for k in keeps if k < visual
+                     for m in ("fastv", "dart", "random")]
     rows = evaluate(model, processor, items, settings, batch_size=32, max_new_tokens=3, device=device,
                     seed=cfg.seed)
     print(f"\nexact-match accuracy on {cfg.eval_data} ({len(items)} items), compression at layer {cfg.layer}:")

@@ -19,7 +19,7 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 class TrainConfig:
     """Everything one run needs; saved as output_dir/train_config.json."""
 
-    model: str | None = None  # llava-hf checkpoint directory (or None with demo)
+    model: str | None = None  # checkpoint directory of a supported family (or None with demo)
     data: str | None = None  # LLaVA-format JSON / JSONL
     image_folder: str = "."
     output_dir: str = "runs/epic"
@@ -169,13 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of `python -m epic_ext.train`; --help shows every default."""
     defaults = TrainConfig()
     p = Parser(prog="python -m epic_ext.train", formatter_class=HelpFormatter,
-                                description="EPIC training: TCD / LCD self-distillation of a LLaVA model with "
+                                description="EPIC training: TCD / LCD self-distillation of a LLaVA-1.5 / Qwen-VL model with "
                                             "DeepSpeed. Paths, the model's config and every setting are checked "
                                             "before DeepSpeed starts.")
     p.add_argument("--demo", action="store_true", help="run the embedded demo (synthetic data, tiny LLaVA)")
     p.add_argument("--demo-steps", type=int, default=defaults.demo_steps, help="training steps of --demo")
-    p.add_argument("--model", help="llava-hf checkpoint directory (LlavaForConditionalGeneration + processor)")
-    p.add_argument("--data", help="LLaVA-format JSON or JSONL (id, image, conversations)")
+    p.add_argument("--model", help="checkpoint directory: llava-hf LLaVA-1.5, Qwen2.5-VL or Qwen3-VL (model + "
+                                   "processor; the family comes from config.json's model_type)")
+    p.add_argument("--data", help="LLaVA-format JSON or JSONL (id, image, conversations; Qwen2.5-VL also video: a "
+                                  "list of frame files)")
     p.add_argument("--image-folder", default=defaults.image_folder, help="folder the records' image paths start from")
     p.add_argument("--output-dir", default=defaults.output_dir,
                    help="metrics, TensorBoard logs, checkpoints/ and the exported final/")

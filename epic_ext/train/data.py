@@ -1,7 +1,9 @@
 """LLaVA-format supervised data: records, the llava-1.5 prompt, label masks, images and batches.
 
 A record is ``{"id": ..., "image": None | "a.jpg" | ["a.jpg", "b.jpg"], "conversations": [{"from": "human",
-"value": "<image>\\nWhat is ..."}, {"from": "gpt", "value": "..."}, ...]}`` (LLaVA-665K style).
+"value": "<image>\\nWhat is ..."}, {"from": "gpt", "value": "..."}, ...]}`` (LLaVA-665K style); the chat-template
+families (epic_ext.train.chat_data) also take ``"video": ["f0.jpg", "f1.jpg", ...]`` (frames in time order, one
+``<video>`` placeholder).
 
 The prompt is the llava-1.5-hf one: ``<s>USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>``. Every
 ``<image>`` placeholder is expanded with the processor's own ``replace_image_token`` (the string
@@ -26,11 +28,14 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 # The CLIP mean colour, as LLaVA pads non-square images (expand2square).
 LLAVA_BACKGROUND = (122, 116, 104)
 _ROLES = ("human", "gpt")
 
 
+# Per-image (per-video) tensors of the chat-template families, concatenated over a batch in sample order.
+GRID_KEYS = ("image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 # Why a sample can be skipped (LlavaDataset.skipped keys), in the order reports list them.
 SKIP_REASONS = ("missing_image", "corrupt_image", "bad_record", "too_long", "no_labels")
 
@@ -45,13 +50,23 @@ def image_names(record: dict) -> list[str]:
     return [] if image is None else [image] if isinstance(image, str) else list(image)
 
 
-def placeholder_problem(conversations: list[dict], n_images: int) -> str | None:
-    """Why the record's ``<image>`` placeholders do not fit its images (None when they do). Placeholders may be
-    left out entirely: the prompt then gets one per image before the first human turn."""
-    count = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in conversations)
-    if count == 0 and n_images and any(turn["from"] == "human" for turn in conversations):
-        count = n_images
-    return None if count == n_images else f"{count} {IMAGE_PLACEHOLDER} placeholders for {n_images} images"
+def video_frames(record: dict) -> list[str]:
+    """The record's video frame paths (a `video` field: a list of image files, in time order), or []."""
+    return list(record.get("video") or [])
+
+
+def placeholder_problem(conversations: list[dict], n_images: int, n_videos: int = 0) -> str | None:
+    """Why the record's ``<image>`` / ``<video>`` placeholders do not fit its images and video (None when they do).
+    Placeholders of a kind may be left out entirely: the prompt then gets them before the first human turn."""
+    has_human = any(turn["from"] == "human" for turn in conversations)
+    for placeholder, expected, what in ((IMAGE_PLACEHOLDER, n_images, "images"), (VIDEO_PLACEHOLDER, n_videos,
+                                                                                   "videos")):
+        count = sum(turn["value"].count(placeholder) for turn in conversations)
+        if count == 0 and expected and has_human:
+            count = expected
+        if count != expected:
+            return f"{count} {placeholder} placeholders for {expected} {what}"
+    return None
 
 
 def scan_records(records: Sequence[dict], image_folder: str | os.PathLike | None, *,
@@ -72,8 +87,9 @@ def scan_records(records: Sequence[dict], image_folder: str | os.PathLike | None
     skipped: Counter = Counter()
     for index, record in enumerate(records):
         sample_id = record.get("id", index)
-        names = image_names(record)
-        problem = placeholder_problem(record["conversations"], len(names))
+        names = image_names(record) + video_frames(record)
+        problem = placeholder_problem(record["conversations"], len(image_names(record)),
+                                      int(bool(video_frames(record))))
         if problem is not None:
             if on_bad_image == "error":
                 raise ValueError(f"record {sample_id!r} (index {index}): {problem}")
@@ -106,6 +122,9 @@ def _check_record(record: Any, where: str) -> None:
     if image is not None and not isinstance(image, str) and not (
             isinstance(image, list) and all(isinstance(item, str) for item in image)):
         raise ValueError(f"{name}: 'image' must be a string or a list of strings, got {image!r}")
+    video = record.get("video")
+    if video is not None and not (isinstance(video, list) and video and all(isinstance(f, str) for f in video)):
+        raise ValueError(f"{name}: 'video' must be a non-empty list of frame image files, got {video!r}")
 
 
 def load_records(path: str | os.PathLike) -> list[dict]:
@@ -229,7 +248,13 @@ class LlavaDataset(torch.utils.data.Dataset):
         self._skipped[index] = (reason, sample_id)
 
     def _image_paths(self, record: dict) -> list[str]:
-        return [os.path.join(self.image_folder, name) for name in image_names(record)]
+        """Every image file the sample loads (the model's images, then any video frames)."""
+        return [os.path.join(self.image_folder, name) for name in image_names(record) + video_frames(record)]
+
+    def _record_problem(self, record: dict) -> str | None:
+        if video_frames(record):
+            return "a video record: LLaVA-1.5 takes images only"
+        return placeholder_problem(record["conversations"], len(image_names(record)))
 
     def _load_image(self, path: str, sample_id: Any, index: int):
         from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
@@ -296,13 +321,12 @@ class LlavaDataset(torch.utils.data.Dataset):
         sample_id = record.get("id", index)
         self._visited.add(index)
         paths = self._image_paths(record)
-        detail = placeholder_problem(record["conversations"], len(paths))
+        detail = self._record_problem(record)
         if detail is not None:
             if self.on_bad_image == "error":
                 raise ValueError(f"record {sample_id!r} (index {index}): {detail}")
             self._skip(index, sample_id, "bad_record", detail)
             return None
-        pieces = self._prompt(record["conversations"], len(paths))
         images = []
         for path in paths:
             try:
@@ -313,14 +337,9 @@ class LlavaDataset(torch.utils.data.Dataset):
                 missing = isinstance(error.__cause__, FileNotFoundError)
                 self._skip(index, sample_id, "missing_image" if missing else "corrupt_image", str(error))
                 return None
-        pixel_values, image_texts = None, []
-        if images:
-            processed = self.processor.image_processor(images, return_tensors="pt")
-            pixel_values = processed["pixel_values"].to(torch.float32)
-            image_texts = [self.processor.replace_image_token(processed, image_idx=i) for i in range(len(images))]
-        input_ids, labels = self._tokenize(pieces, image_texts)
+        input_ids, labels, visual_inputs = self._encode(record, images)
         if len(input_ids) > self.max_length:
-            image_positions = [i for i, token in enumerate(input_ids) if token == self.image_token_id]
+            image_positions = [i for i, token in enumerate(input_ids) if token in self.visual_token_ids]
             if image_positions and image_positions[-1] >= self.max_length:
                 self._skip(index, sample_id, "too_long",
                            f"{len(input_ids)} tokens, last image token at {image_positions[-1]}, "
@@ -330,8 +349,26 @@ class LlavaDataset(torch.utils.data.Dataset):
         if all(label == IGNORE_INDEX for label in labels):
             self._skip(index, sample_id, "no_labels", f"no supervised token in {len(input_ids)} tokens")
             return None
-        return dict(input_ids=torch.tensor(input_ids, dtype=torch.long),
-                    labels=torch.tensor(labels, dtype=torch.long), pixel_values=pixel_values, id=sample_id)
+        sample = dict(input_ids=torch.tensor(input_ids, dtype=torch.long),
+                      labels=torch.tensor(labels, dtype=torch.long), pixel_values=None, id=sample_id)
+        sample.update(visual_inputs)
+        return sample
+
+    @property
+    def visual_token_ids(self) -> frozenset[int]:
+        """Ids of the visual placeholder tokens (a cut of a too-long sample must not fall before the last one)."""
+        return frozenset({self.image_token_id})
+
+    def _encode(self, record: dict, images: list) -> tuple[list[int], list[int], dict]:
+        """(input_ids, labels, the model's visual inputs) of a record whose images are loaded."""
+        pieces = self._prompt(record["conversations"], len(images))
+        pixel_values, image_texts = None, []
+        if images:
+            processed = self.processor.image_processor(images, return_tensors="pt")
+            pixel_values = processed["pixel_values"].to(torch.float32)
+            image_texts = [self.processor.replace_image_token(processed, image_idx=i) for i in range(len(images))]
+        input_ids, labels = self._tokenize(pieces, image_texts)
+        return input_ids, labels, {"pixel_values": pixel_values}
 
 
 def collate(batch: Sequence[dict | None], pad_token_id: int, padding_side: str = "right") -> dict | None:
@@ -364,8 +401,21 @@ def collate(batch: Sequence[dict | None], pad_token_id: int, padding_side: str =
         labels[row, columns] = sample["labels"]
         attention_mask[row, columns] = 1
     images = [sample["pixel_values"] for sample in samples if sample["pixel_values"] is not None]
-    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                pixel_values=torch.cat(images) if images else None, ids=[sample["id"] for sample in samples])
+    out = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+               pixel_values=torch.cat(images) if images else None, ids=[sample["id"] for sample in samples])
+    # chat-template families: token types padded like input_ids (0 = text), per-image grids concatenated in order
+    if any("mm_token_type_ids" in sample for sample in samples):
+        token_types = torch.zeros((len(samples), length), dtype=torch.int)
+        for row, sample in enumerate(samples):
+            n = sample["input_ids"].numel()
+            columns = slice(0, n) if padding_side == "right" else slice(length - n, length)
+            token_types[row, columns] = sample["mm_token_type_ids"]
+        out["mm_token_type_ids"] = token_types
+    for key in GRID_KEYS:
+        grids = [sample[key] for sample in samples if sample.get(key) is not None]
+        if grids:
+            out[key] = torch.cat(grids)
+    return out
 
 
 class LlavaCollator:

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from ..cli import UsageError, check_skipped, describe_skips
-from ..distill import DistillConfig, distillation_loss, shifted_targets
+from ..distill import DistillConfig, distillation_loss, shifted_targets, visual_mask
 from ..models import _hf, apply_compression
+from ..models.families import family_of, load_model, parameter_parts
 from ..schedules import ScheduleConfig, compression_at, resolve_constants
 from . import checkpoint
 from .config import TrainConfig, deepspeed_config
@@ -105,11 +106,11 @@ class Sampler:
 
 # ---------------------------------------------------------------------------------------------------- model --
 def _param_groups(model, cfg: TrainConfig) -> list[dict]:
-    llava = model.model
+    params = parameter_parts(model)
     parts = {
-        "vision": (list(llava.vision_tower.parameters()), cfg.freeze_vision, cfg.vision_lr or cfg.lr),
-        "projector": (list(llava.multi_modal_projector.parameters()), cfg.freeze_projector, cfg.projector_lr or cfg.lr),
-        "llm": (list(llava.language_model.parameters()) + list(model.lm_head.parameters()), cfg.freeze_llm, cfg.lr),
+        "vision": (params["vision"], cfg.freeze_vision, cfg.vision_lr or cfg.lr),
+        "projector": (params["projector"], cfg.freeze_projector, cfg.projector_lr or cfg.lr),
+        "llm": (params["llm"], cfg.freeze_llm, cfg.lr),
     }
     groups = []
     for name, (params, frozen, lr) in parts.items():
@@ -140,12 +141,30 @@ def _lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
 
 
 def load_model_and_processor(cfg: TrainConfig):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: PLC0415
+    """(model, processor, family) of cfg.model: the family's class; LlavaProcessor for LLaVA-1.5, a ChatProcessor
+    (tokenizer with the chat template + image processor) for the chat-template families."""
+    from transformers import AutoConfig, AutoProcessor  # noqa: PLC0415
 
+    family = family_of(AutoConfig.from_pretrained(cfg.model))
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    model = LlavaForConditionalGeneration.from_pretrained(cfg.model, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(cfg.model)
-    return model, processor
+    model = load_model(cfg.model, family, dtype)
+    if family.chat_template:
+        from .chat_data import ChatProcessor  # noqa: PLC0415
+
+        processor = ChatProcessor.from_pretrained(cfg.model, videos=family.videos)
+    else:
+        processor = AutoProcessor.from_pretrained(cfg.model)
+    return model, processor, family
+
+
+def build_dataset(records: list[dict], processor, family, cfg: TrainConfig):
+    """The training dataset of the family (LlavaDataset or ChatDataset)."""
+    from .chat_data import ChatDataset  # noqa: PLC0415
+    from .data import LlavaDataset  # noqa: PLC0415
+
+    dataset_class = ChatDataset if family.chat_template else LlavaDataset
+    return dataset_class(records, cfg.image_folder, processor, max_length=cfg.max_length,
+                         pad_to_square=cfg.pad_to_square, on_bad_image=cfg.on_bad_image)
 
 
 def _peak_memory_mb(device) -> float:
@@ -205,7 +224,7 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
     """
     import deepspeed  # noqa: PLC0415
 
-    from .data import LlavaDataset, collate, load_records  # noqa: PLC0415
+    from .data import collate, load_records  # noqa: PLC0415
 
     constants = resolve_constants(cfg.schedule_constants, cfg.method)
     cfg = cfg.with_resolved_distillation()
@@ -219,15 +238,14 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    model, processor = load_model_and_processor(cfg)
+    model, processor, family = load_model_and_processor(cfg)
     if cfg.gradient_checkpointing:
         _hf.enable_activation_checkpointing(model, use_reentrant=False)
         model.config.use_cache = False
     groups = _param_groups(model, cfg)
     handle = apply_compression(model, cfg.method, layer=cfg.layer, ratio=cfg.ratio)
     records = load_records(cfg.data) if records is None else records
-    dataset = LlavaDataset(records, cfg.image_folder, processor, max_length=cfg.max_length,
-                           pad_to_square=cfg.pad_to_square, on_bad_image=cfg.on_bad_image)
+    dataset = build_dataset(records, processor, family, cfg)
     pad_id = processor.tokenizer.pad_token_id
     sampler = Sampler(len(dataset), rank, world, cfg.seed)
     per_step = cfg.micro_batch_size * cfg.grad_accum
@@ -291,8 +309,7 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
         if generator is not None:
             generator.manual_seed(cfg.seed * 7919 + step)  # random compression: resume-exact
         micro_batches = [next_batch() for _ in range(cfg.grad_accum)]
-        image_token = model.config.image_token_id
-        local_tokens = sum(int((shifted_targets(b["labels"]).masked_fill(b["input_ids"] == image_token, -100)
+        local_tokens = sum(int((shifted_targets(b["labels"]).masked_fill(visual_mask(handle, b["input_ids"]), -100)
                                 != -100).sum()) for b in micro_batches)
         global_tokens = float(_all_reduce(torch.tensor(float(local_tokens), device=device)))
         normalizer = global_tokens / (world * cfg.grad_accum)
@@ -301,8 +318,9 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
         own_grad_norm = None
         for batch in micro_batches:
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            if batch.get("pixel_values") is not None:
-                batch["pixel_values"] = batch["pixel_values"].to(engine.module.dtype)
+            for key in ("pixel_values", "pixel_values_videos"):
+                if batch.get(key) is not None:
+                    batch[key] = batch[key].to(engine.module.dtype)
             out = distillation_loss(engine.module, handle, batch, comp, distill, normalizer)
             engine.backward(out["loss"])
             if engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
@@ -356,8 +374,9 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
 
 
 def _export(engine, handle, processor, target: pathlib.Path, cfg: TrainConfig, rank: int) -> pathlib.Path:
-    """save_pretrained of the trained weights (gathered under ZeRO-3) and the processor, loadable by
-    LlavaForConditionalGeneration.from_pretrained / AutoProcessor.from_pretrained."""
+    """save_pretrained of the trained weights (gathered under ZeRO-3) and the processor, loadable by the family's
+    class's from_pretrained / AutoProcessor.from_pretrained (chat-template families: the checkpoint's processor
+    files, copied)."""
     if engine.zero_optimization_stage() == 3:
         state_dict = engine._zero3_consolidated_16bit_state_dict()
     else:

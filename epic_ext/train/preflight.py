@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ..cli import UsageError, check_skipped, load_model_config, load_records_option
 from ..compress import get_compressor
+from ..models.families import TRAINABLE, family_of
 from .checkpoint import check_resume
 from .config import TrainConfig, deepspeed_config
 from .data import ImageLoadError, scan_records
@@ -49,13 +50,23 @@ def preflight(cfg: TrainConfig) -> Checked:
         raise UsageError(f"--deepspeed-config: {error}") from error
     if cfg.data and not os.path.exists(cfg.data):  # the cheapest check first
         raise UsageError(f"--data: {cfg.data} does not exist")
-    config = load_model_config(cfg.model)
+    config = load_model_config(cfg.model, families=TRAINABLE)
+    family = family_of(config)
     num_layers = config.text_config.num_hidden_layers
     check_layers(cfg, num_layers)
-    visual = config.image_seq_length
-    if any(keep > visual for keep in cfg.eval_keep):
-        raise UsageError(f"--eval-keep values must be <= the model's {visual} visual tokens, got {cfg.eval_keep}")
+    if family.chat_template and cfg.eval_data and not cfg.eval_keep:
+        raise UsageError(f"--eval-keep is required with --eval-data for a {family.name} model (its visual tokens "
+                         "per sample vary with the image sizes): give the visual tokens kept per sample")
+    if not family.chat_template:
+        visual = config.image_seq_length
+        if any(keep > visual for keep in cfg.eval_keep):
+            raise UsageError(f"--eval-keep values must be <= the model's {visual} visual tokens, got "
+                             f"{cfg.eval_keep}")
     records = load_records_option(cfg.data, "--data")
+    video_record = next((r.get("id", i) for i, r in enumerate(records) if r.get("video")), None)
+    if video_record is not None and not family.videos:
+        raise UsageError(f"--data: record {video_record!r} has a video; training takes video records for "
+                         f"{', '.join(f.name for f in TRAINABLE.values() if f.videos)} models, not {family.name}")
     if cfg.eval_data:
         load_records_option(cfg.eval_data, "--eval-data")
     if len(records) < world_size:
