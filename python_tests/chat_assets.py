@@ -135,7 +135,7 @@ def make_onevision_train_assets(root: pathlib.Path, image_size: int = ONEVISION_
     tokenizer.save_pretrained(str(model_dir))
     build_tiny_onevision_image_processor().save_pretrained(str(model_dir))
     model = build_tiny_llava_onevision(seed=0, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                       hidden=32, text_layers=2, heads=2, kv_heads=1)
+                                       hidden=32, text_layers=2, heads=2, kv_heads=1, vision_use_head=False)
     model.save_pretrained(str(model_dir))
     return {"root": root, "model": str(model_dir), "data": splits["train"], "test": splits["test"],
             "images": str(root / "data")}
