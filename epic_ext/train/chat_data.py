@@ -93,12 +93,18 @@ class ChatProcessor:
                              "chat_template.json)")
         image_processor = image_processor_from_pretrained(path)
         layout, image_token, video_token = None, QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN
-        config = AutoConfig.from_pretrained(path) if os.path.isfile(os.path.join(path, "config.json")) else None
-        if getattr(config, "model_type", None) == "llava_onevision":
+        config_file = os.path.join(path, "config.json")
+        model_type = None
+        if os.path.isfile(config_file):
+            with open(config_file, encoding="utf-8") as handle:
+                model_type = json.load(handle).get("model_type")
+        elif not os.path.isdir(path):  # a Hub id
+            model_type = getattr(AutoConfig.from_pretrained(path), "model_type", None)
+        if model_type == "llava_onevision":
             from .onevision_data import OnevisionLayout  # noqa: PLC0415
 
-            layout, image_token, video_token = (OnevisionLayout.from_config(config), ONEVISION_IMAGE_TOKEN,
-                                                ONEVISION_VIDEO_TOKEN)
+            layout, image_token, video_token = (OnevisionLayout.from_config(AutoConfig.from_pretrained(path)),
+                                                ONEVISION_IMAGE_TOKEN, ONEVISION_VIDEO_TOKEN)
         image_token = getattr(tokenizer, "image_token", None) or image_token
         if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
             raise ValueError(f"{path}: the tokenizer has no {image_token} token")
