@@ -51,7 +51,7 @@ def tiny_model(tokenizer, aspect: str = "anyres_max_9", seed: int = 0, **kwargs)
 def make_processor(tokenizer, model, tmp_path_factory) -> ChatProcessor:
     return ChatProcessor(tokenizer=tokenizer, image_processor=build_tiny_onevision_image_processor(),
                          chat_template=ONEVISION_CHAT_TEMPLATE, source=str(tmp_path_factory.mktemp("unused")),
-                         image_token="<image>", video_token="<video>", videos=False,
+                         image_token="<image>", video_token="<video>", videos=True,
                          layout=OnevisionLayout.from_config(model.config))
 
 
@@ -129,7 +129,8 @@ def test_parameter_parts_split_onevision(tokenizer):
 
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_distillation_rows_match_the_masked_reference(tokenizer, images, tmp_path_factory, padding):
-    """EPIC's loss on a OneVision batch (anyres single images, a two-image sample, text only): the student's SFT sum
+    """EPIC's loss on a OneVision batch (anyres single images, a two-image sample, an image + video sample, text
+    only): the student's SFT sum
     equals the cross entropy of the independent masked eager reference (model_reference.EagerReference: the
     unpatched eager model on the full sequence, dropped visual keys hidden from layer K on) at the supervised
     positions; the KL is taken against the teacher's rows of the same positions."""
@@ -142,7 +143,7 @@ def test_distillation_rows_match_the_masked_reference(tokenizer, images, tmp_pat
     model = tiny_model(tokenizer, seed=1)
     processor = make_processor(tokenizer, model, tmp_path_factory)
     records = [record("a", ["w50.png"], answer="blue and green"), record("b", ["w50.png", "t70.png"]),
-               record("c", ["t70.png"], answer="yes"), RECORDS[-1]]
+               {**record("c", ["t70.png"], answer="yes"), "video": ["w50.png", "o33.png"]}, RECORDS[-1]]
     dataset = ChatDataset(records, images, processor, max_length=1024)
     batch = collate([dataset[i] for i in range(len(records))], tokenizer.pad_token_id, padding_side=padding)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "ids")}
@@ -157,7 +158,8 @@ def test_distillation_rows_match_the_masked_reference(tokenizer, images, tmp_pat
                 kept = model(**inputs).kept_positions  # the student's kept set, drawn again from the same seed
     finally:
         handle.remove()
-    visual = batch["input_ids"] == processor.image_token_id
+    visual = (batch["input_ids"] == processor.image_token_id) | (batch["input_ids"] == processor.video_token_id)
+    assert int((batch["input_ids"] == processor.video_token_id).sum()) == 2 * 4 + 1
     kept_visual = torch.zeros_like(visual)
     for b in range(visual.shape[0]):
         positions = kept[b][kept[b] >= 0]
@@ -180,3 +182,38 @@ def test_processor_whose_grids_differ_from_the_model_is_refused(tokenizer, image
     processor.image_processor.image_grid_pinpoints = [[28, 28]]  # the model still reads up to 2x2 grids
     with pytest.raises(ValueError, match="image_grid_pinpoints / size differ from the model config"):
         processor.visual_inputs([Image.open(images / "s56.png").convert("RGB")])
+
+
+def test_video_tokens_and_frames_are_what_the_model_reads(tokenizer, images, tmp_path_factory):
+    """Video records (an image + a video, a video alone, frames of several sizes): each frame is one S x S crop, the
+    <video> tokens (frames x ceil(g / 2)^2 pooled + one newline) are what the model's forward fills (it raises
+    otherwise); the logits of the video sample depend on its frames; videos of different frame counts in one
+    batch are refused."""
+    from PIL import Image
+
+    model = tiny_model(tokenizer)
+    processor = make_processor(tokenizer, model, tmp_path_factory)
+    frames = ["w50.png", "t70.png", "c28.png"]
+    records = [{**record("iv", ["w100.png"]), "video": frames},
+               {"id": "v", "video": frames[::-1], "conversations": [
+                   {"from": "human", "value": "<video>\nwhat color is it ?"}, {"from": "gpt", "value": "no"}]},
+               record("i", ["s56.png"])]
+    dataset = ChatDataset(records, images, processor, max_length=1024)
+    batch = collate([dataset[i] for i in range(3)], tokenizer.pad_token_id)
+    assert batch["pixel_values_videos"].shape == (2, 3, 3, 28, 28)
+    assert batch["batch_num_images"].tolist() == [1, 0, 1]
+    crop = processor.visual_inputs([Image.open(images / "t70.png").convert("RGB")])[0]["pixel_values"][0, 0]
+    torch.testing.assert_close(batch["pixel_values_videos"][0, 1], crop)  # a frame is its image's base crop
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    video_tokens = (batch["input_ids"] == processor.video_token_id).sum(1).tolist()
+    assert video_tokens == [3 * ((grid + 1) // 2) ** 2 + 1] * 2 + [0]
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "ids")}
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        changed = dict(inputs, pixel_values_videos=inputs["pixel_values_videos"].flip(1))
+        other = model(**changed).logits
+    assert logits.shape[:2] == batch["input_ids"].shape
+    assert not torch.allclose(logits[1], other[1]) and torch.equal(logits[2], other[2])
+    short = ChatDataset([{**records[1], "video": frames[:2]}], images, processor, max_length=1024)[0]
+    with pytest.raises(ValueError, match=r"videos of one frame count, got videos of \[2, 3\] frames"):
+        collate([dataset[1], short], tokenizer.pad_token_id)

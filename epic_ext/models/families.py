@@ -37,7 +37,7 @@ QWEN2_5_VL = Family("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGenerat
                     videos=True)
 QWEN3_VL = Family("qwen3_vl", "qwen3_vl", "Qwen3VLForConditionalGeneration", chat_template=True)
 LLAVA_ONEVISION = Family("llava_onevision", "llava_onevision", "LlavaOnevisionForConditionalGeneration",
-                         chat_template=True)
+                         chat_template=True, videos=True)
 
 # model_type -> Family, in the order messages list them
 TRAINABLE: dict[str, Family] = {family.model_type: family

@@ -53,6 +53,8 @@ class ChatProcessor:
             per-frame timestamps this module does not write).
         layout: LLaVA-OneVision's token-count rule (onevision_data.OnevisionLayout, from the model config); None
             for the Qwen families.
+        video_normalize: LLaVA-OneVision: image_mean / image_std of the checkpoint's video_preprocessor_config.json
+            (None: the image processor's).
     """
 
     tokenizer: Any
@@ -63,6 +65,7 @@ class ChatProcessor:
     video_token: str = QWEN_VIDEO_TOKEN
     videos: bool = True
     layout: Any = None
+    video_normalize: dict | None = None
 
     @classmethod
     def from_pretrained(cls, path: str, videos: bool = True) -> ChatProcessor:
@@ -92,7 +95,7 @@ class ChatProcessor:
             raise ValueError(f"{path}: no chat template (tokenizer_config.json, chat_template.jinja or "
                              "chat_template.json)")
         image_processor = image_processor_from_pretrained(path)
-        layout, image_token, video_token = None, QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN
+        layout, image_token, video_token, video_normalize = None, QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, None
         config_file = os.path.join(path, "config.json")
         model_type = None
         if os.path.isfile(config_file):
@@ -105,12 +108,17 @@ class ChatProcessor:
 
             layout, image_token, video_token = (OnevisionLayout.from_config(AutoConfig.from_pretrained(path)),
                                                 ONEVISION_IMAGE_TOKEN, ONEVISION_VIDEO_TOKEN)
+            video_config = os.path.join(path, "video_preprocessor_config.json")
+            if os.path.isfile(video_config):
+                with open(video_config, encoding="utf-8") as handle:
+                    settings = json.load(handle)
+                video_normalize = {key: settings[key] for key in ("image_mean", "image_std") if key in settings}
         image_token = getattr(tokenizer, "image_token", None) or image_token
         if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
             raise ValueError(f"{path}: the tokenizer has no {image_token} token")
         return cls(tokenizer=tokenizer, image_processor=image_processor, chat_template=template, source=path,
                    image_token=image_token, video_token=getattr(tokenizer, "video_token", None) or video_token,
-                   videos=videos, layout=layout)
+                   videos=videos, layout=layout, video_normalize=video_normalize)
 
     def save_pretrained(self, target: str | os.PathLike) -> None:
         """Copies the checkpoint's processor files (everything but the weights and the model / generation config)
@@ -151,7 +159,12 @@ class ChatProcessor:
         Returns:
             ({"pixel_values_videos": [t * h * w, C * tp * p * p] float32, "video_grid_thw": [1, 3] int64,
             "second_per_grid_ts": [1] float32 (tp / fps)}, the video's visual tokens t * h * w / merge_size^2).
+            LLaVA-OneVision: see onevision_data.onevision_video_inputs (fps unused).
         """
+        if self.layout is not None:
+            from .onevision_data import onevision_video_inputs  # noqa: PLC0415
+
+            return onevision_video_inputs(self.image_processor, self.layout, frames, self.video_normalize)
         if not frames:
             raise ValueError("video_inputs: a video needs at least one frame")
         if not fps > 0:

@@ -422,7 +422,11 @@ def collate(batch: Sequence[dict | None], pad_token_id: int, padding_side: str =
         out["mm_token_type_ids"] = token_types
     for key in GRID_KEYS:
         grids = [sample[key] for sample in samples if sample.get(key) is not None]
-        if grids:
+        if grids and key == "pixel_values_videos" and grids[0].dim() == 5:  # LLaVA-OneVision [1, frames, C, S, S]
+            from .onevision_data import stack_videos  # noqa: PLC0415
+
+            out[key] = stack_videos(grids)
+        elif grids:
             out[key] = torch.cat(grids)
     return out
 

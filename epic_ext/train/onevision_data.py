@@ -127,3 +127,41 @@ def pad_crops(pixel_values: list[torch.Tensor]) -> torch.Tensor:
     padded = [torch.nn.functional.pad(pixels, (0, 0, 0, 0, 0, 0, 0, most - pixels.shape[1]))
               for pixels in pixel_values]
     return torch.cat(padded)
+
+
+def onevision_video_inputs(image_processor, layout: OnevisionLayout, frames: list,
+                           normalize: dict | None = None) -> tuple[dict, int]:
+    """One video (PIL frames, time order) as LLaVA-OneVision's video path reads it: every frame resized to one
+    crop (S x S, aspect not kept, as the video processor's fixed size does), rescaled and normalised, the frames
+    stacked; the model pools each frame's g x g features to ceil(g / 2)^2 and appends one newline slot per video.
+
+    Args:
+        image_processor: the PIL OneVision image processor (its resize / rescale; the frame is its base crop).
+        layout: the model's layout.
+        frames: PIL images.
+        normalize: {"image_mean": ..., "image_std": ...} of the checkpoint's video processor, when it has one
+            (the image processor's otherwise).
+
+    Returns:
+        ({"pixel_values_videos": [1, frames, C, S, S] float32}, the video's `<video>` tokens).
+    """
+    if not frames:
+        raise ValueError("onevision_video_inputs: a video needs at least one frame")
+    processed = image_processor(images=list(frames), return_tensors="pt",
+                                image_grid_pinpoints=[[layout.crop, layout.crop]], **(normalize or {}))
+    base = processed["pixel_values"][:, 0].to(torch.float32)  # each frame's base crop: the frame at S x S
+    pooled = math.ceil(layout.grid / 2)
+    return {"pixel_values_videos": base[None].contiguous()}, len(frames) * pooled * pooled + 1
+
+
+def stack_videos(videos: list[torch.Tensor]) -> torch.Tensor:
+    """Per-video [1, frames, C, S, S] -> [n_videos, frames, C, S, S].
+
+    Raises:
+        ValueError: videos with different frame counts (the model takes one 5-D tensor; padding frames would add
+            video features).
+    """
+    counts = sorted({int(video.shape[1]) for video in videos})
+    if len(counts) > 1:
+        raise ValueError(f"LLaVA-OneVision batches videos of one frame count, got videos of {counts} frames")
+    return torch.cat(videos)
