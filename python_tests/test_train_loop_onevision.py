@@ -2,7 +2,7 @@
 template, the PIL OneVision image processor, the shapes task at one 28 px crop: 36 <image> tokens per sample):
 DeepSpeed on CPU, the loss decreases, a killed run resumes to the same losses, the export loads with from_pretrained
 and generates (batched == per sample under compression, a two-image prompt too), `python -m epic_ext.eval` runs on
-it, and video records are refused before start-up."""
+it, and records with a video train and resume (videos of different frame counts are refused before start-up)."""
 
 from __future__ import annotations
 
@@ -121,13 +121,41 @@ def test_eval_cli_on_the_export(assets, exported, tmp_path, capsys):
     assert rows[1]["prefill_tflops_exact"] < rows[0]["prefill_tflops_exact"]
 
 
-def test_video_records_are_refused_before_start_up(assets, tmp_path):
-    records = json.loads(pathlib.Path(assets["data"]).read_text())[:8]
-    records[3]["video"] = [records[k]["image"] for k in range(3)]
+def video_records(assets, frames: int = 3, count: int = 24) -> list[dict]:
+    """The first `count` training records; the first half get a `video` of `frames` frames (other records' images),
+    every other of these without its image."""
+    records = json.loads(pathlib.Path(assets["data"]).read_text())[:count]
+    for index, record in enumerate(records[: count // 2]):
+        record["video"] = [records[(index + k) % count]["image"] for k in range(frames)]
+        record["conversations"][0]["value"] = "<video>\n" + record["conversations"][0]["value"]
+        if index % 2:
+            record.pop("image")
+            record["conversations"][0]["value"] = record["conversations"][0]["value"].replace("<image>\n", "")
+    return records
+
+
+def test_video_records_train_and_resume(assets, tmp_path):
+    """Records with a `video` beside image records: training runs and a killed run resumes to the same losses."""
+    data = tmp_path / "video.json"
+    data.write_text(json.dumps(video_records(assets)))
+    with_video = {**assets, "data": str(data)}
+    args = ("--zero", "2", "--max-steps", "4", "--save-steps", "2", "--micro-batch-size", "3")
+    run_train(with_video, tmp_path / "full", *args)
+    run_train(with_video, tmp_path / "cut", *args, "--stop-after-steps", "2")
+    run_train(with_video, tmp_path / "cut", *args, "--resume", "auto")
+    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(full) == sorted(cut) == [1, 2, 3, 4]
+    for step in full:
+        assert cut[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-6, abs=1e-7)
+        assert full[step]["loss"] > 0
+
+
+def test_videos_of_different_frame_counts_are_refused_before_start_up(assets, tmp_path):
+    records = video_records(assets, count=8)
+    records[1]["video"] = records[1]["video"][:2]
     data = tmp_path / "video.json"
     data.write_text(json.dumps(records))
     line = one_error_line(run_train({**assets, "data": str(data)}, tmp_path / "out", "--max-steps", "2",
                                     check=False))
-    assert f"record {records[3]['id']!r} has a video; training takes video records for qwen2_5_vl models, " \
-           "not llava_onevision" in line
+    assert "LLaVA-OneVision batches videos of one frame count; the video records have [2, 3] frames" in line
     assert not (tmp_path / "out").exists()
