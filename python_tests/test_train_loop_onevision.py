@@ -112,8 +112,9 @@ def test_eval_cli_on_the_export(assets, exported, tmp_path, capsys):
             "--max-new-tokens", "2", "--batch-size", "5"]
     assert main([*args, "--method", "fastv"]) == 2
     assert "--keep is required for a llava_onevision" in capsys.readouterr().err
-    assert main([*args, "--method", "fastv", "random", "--keep", "8", "2", "--output", str(tmp_path / "rows.json")]) == 0
-    rows = json.loads((tmp_path / "rows.json").read_text())
+    rows_file = tmp_path / "rows.json"
+    assert main([*args, "--method", "fastv", "random", "--keep", "8", "2", "--output", str(rows_file)]) == 0
+    rows = json.loads(rows_file.read_text())
     assert [(r["method"], r["keep"]) for r in rows] == [("none", VISUAL_TOKENS), ("fastv", 8), ("fastv", 2),
                                                          ("random", 8), ("random", 2)]
     assert all(r["n"] == 16 and len(r["predictions"]) == 16 for r in rows)
