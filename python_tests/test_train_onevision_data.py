@@ -217,3 +217,27 @@ def test_video_tokens_and_frames_are_what_the_model_reads(tokenizer, images, tmp
     short = ChatDataset([{**records[1], "video": frames[:2]}], images, processor, max_length=1024)[0]
     with pytest.raises(ValueError, match=r"videos of one frame count, got videos of \[2, 3\] frames"):
         collate([dataset[1], short], tokenizer.pad_token_id)
+
+
+def test_from_pretrained_reads_the_layout_and_the_video_normalisation(tokenizer, images, tmp_path):
+    """A OneVision checkpoint directory gives the model's layout and token strings; its video processor's mean / std
+    (video_preprocessor_config.json) normalise the frames instead of the image processor's."""
+    import json
+
+    from PIL import Image
+
+    model = tiny_model(tokenizer, aspect="anyres_max_4")
+    tokenizer.save_pretrained(str(tmp_path))
+    build_tiny_onevision_image_processor().save_pretrained(str(tmp_path))  # mean = std = 0.5
+    model.config.save_pretrained(str(tmp_path))
+    loaded = ChatProcessor.from_pretrained(str(tmp_path))
+    assert loaded.layout == OnevisionLayout.from_config(model.config) and loaded.layout.max_crops == 4
+    assert (loaded.image_token, loaded.video_token, loaded.video_normalize) == ("<image>", "<video>", None)
+    frames = [Image.open(images / name).convert("RGB") for name in ("w50.png", "t70.png")]
+    as_images = loaded.video_inputs(frames)[0]["pixel_values_videos"]
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps({"image_mean": [0, 0, 0],
+                                                                         "image_std": [1, 1, 1]}))
+    loaded = ChatProcessor.from_pretrained(str(tmp_path))
+    assert loaded.video_normalize == {"image_mean": [0, 0, 0], "image_std": [1, 1, 1]}
+    rescaled = loaded.video_inputs(frames)[0]["pixel_values_videos"]
+    torch.testing.assert_close(rescaled, as_images * 0.5 + 0.5, rtol=1e-5, atol=1e-5)

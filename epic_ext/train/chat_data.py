@@ -112,7 +112,8 @@ class ChatProcessor:
             if os.path.isfile(video_config):
                 with open(video_config, encoding="utf-8") as handle:
                     settings = json.load(handle)
-                video_normalize = {key: settings[key] for key in ("image_mean", "image_std") if key in settings}
+                video_normalize = {key: [float(v) for v in settings[key]] for key in ("image_mean", "image_std")
+                                   if isinstance(settings.get(key), list)}
         image_token = getattr(tokenizer, "image_token", None) or image_token
         if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
             raise ValueError(f"{path}: the tokenizer has no {image_token} token")
