@@ -339,7 +339,8 @@ class ChatDataset(LlavaDataset):
     tokens, 2 at video tokens, else 0), pixel_values FloatTensor [n_patches, C * t * p * p] and image_grid_thw
     LongTensor [n_images, 3] (both None without images), for a record with a ``video``: pixel_values_videos,
     video_grid_thw [1, 3] and second_per_grid_ts [1] (see ChatProcessor.video_inputs; the record's "fps", default
-    2), id.
+    2), id. LLaVA-OneVision instead: no mm_token_type_ids, pixel_values [n_images, crops, C, S, S], image_sizes
+    [n_images, 2], batch_num_images [1], pixel_values_videos [1, frames, C, S, S] (onevision_data.py).
     """
 
     def __init__(self, records, image_folder, processor: ChatProcessor, **kwargs):
