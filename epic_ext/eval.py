@@ -1,5 +1,5 @@
-"""`python -m epic_ext.eval`: exact-match accuracy of a LLaVA-1.5, Qwen2.5-VL or Qwen3-VL model on a LLaVA-format QA
-file at several compression settings, with the efficiency figures (visual tokens kept, prefill FLOPs, KV cache) beside each row.
+"""`python -m epic_ext.eval`: exact-match accuracy of a LLaVA-1.5, Qwen2.5-VL, Qwen3-VL or LLaVA-OneVision model on
+a LLaVA-format QA file at several compression settings, with the efficiency figures (visual tokens kept, prefill FLOPs, KV cache) beside each row.
 
 Each item is the first human turn (the question, with its image) and the first gpt turn (the reference answer);
 answers are generated greedily and compared after normalisation (lower case, punctuation and surrounding space
@@ -160,7 +160,8 @@ def evaluate(model, processor, items: list[dict], settings: Sequence[dict], *, b
         settings: dicts with "method" and "keep" (visual tokens kept: per image for LLaVA-1.5, where the model's
             count means no compression; per sample for the dynamic-resolution families; None = no compression),
             and optionally "layer" (default 2).
-        processor: LLaVA-1.5's processor, or a ChatProcessor (epic_ext.train.chat_data) for Qwen2.5-VL / Qwen3-VL.
+        processor: LLaVA-1.5's processor, or a ChatProcessor (epic_ext.train.chat_data) for Qwen2.5-VL / Qwen3-VL /
+            LLaVA-OneVision.
         seed: seeds the generator of random compression, so every model sees the same drop pattern.
 
     Returns:
@@ -229,13 +230,14 @@ def build_parser() -> Parser:
     parser = Parser(prog="python -m epic_ext.eval", formatter_class=HelpFormatter,
                     description=DESCRIPTION + "\n\n" + " ".join(__doc__.split("\n\n")[1].split()))
     parser.add_argument("--model", required=True, help="checkpoint directory (model + processor): LLaVA-1.5 (llava-hf), "
-                        "Qwen2.5-VL or Qwen3-VL")
+                        "Qwen2.5-VL, Qwen3-VL or LLaVA-OneVision")
     parser.add_argument("--data", required=True, help="LLaVA-format JSON / JSONL QA file")
     parser.add_argument("--image-folder", default=".", help="folder the records' image paths start from")
     parser.add_argument("--method", nargs="+", default=["fastv"], help=f"compressors, of {available_methods()}")
     parser.add_argument("--keep", type=int, nargs="+", default=None,
                         help="visual tokens kept per image for LLaVA-1.5 (default: all of the model's, 1/3, 2/9 and 1/9 "
-                             "of them: 576 192 128 64); per sample, over all its images, for Qwen2.5-VL / Qwen3-VL "
+                             "of them: 576 192 128 64); per sample, over all its images, for Qwen2.5-VL / Qwen3-VL / "
+                             "OneVision "
                              "(required there: their counts vary with the image sizes)")
     parser.add_argument("--layer", type=int, default=2, help="compression layer K")
     parser.add_argument("--batch-size", type=int, default=8, help="items generated together")

@@ -33,6 +33,7 @@ DEFAULT_TESTS = ["python_tests/test_models_llava.py", "python_tests/test_models_
                  "python_tests/test_distill.py", "python_tests/test_train_data.py",
                  "python_tests/test_train_config.py", "python_tests/test_train_loop.py",
                  "python_tests/test_train_chat_data.py", "python_tests/test_train_loop_chat.py",
+                 "python_tests/test_train_onevision_data.py", "python_tests/test_train_loop_onevision.py",
                  "python_tests/test_eval_cli.py"]
 
 

@@ -36,9 +36,12 @@ LLAVA = Family("llava", "llava", "LlavaForConditionalGeneration", chat_template=
 QWEN2_5_VL = Family("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", chat_template=True,
                     videos=True)
 QWEN3_VL = Family("qwen3_vl", "qwen3_vl", "Qwen3VLForConditionalGeneration", chat_template=True)
+LLAVA_ONEVISION = Family("llava_onevision", "llava_onevision", "LlavaOnevisionForConditionalGeneration",
+                         chat_template=True, videos=True)
 
 # model_type -> Family, in the order messages list them
-TRAINABLE: dict[str, Family] = {family.model_type: family for family in (LLAVA, QWEN2_5_VL, QWEN3_VL)}
+TRAINABLE: dict[str, Family] = {family.model_type: family
+                                for family in (LLAVA, QWEN2_5_VL, QWEN3_VL, LLAVA_ONEVISION)}
 
 
 def describe(families: dict[str, Family] = TRAINABLE) -> str:
@@ -81,7 +84,8 @@ def _unique(modules: list[torch.nn.Module | None]) -> list[torch.nn.Parameter]:
 def parameter_parts(model) -> dict[str, list[torch.nn.Parameter]]:
     """The model's parameters as {"vision": ..., "projector": ..., "llm": ...}, every parameter in exactly one part.
 
-    LLaVA: vision_tower / multi_modal_projector / language_model + lm_head. Qwen2.5-VL and Qwen3-VL: the vision
+    LLaVA and LLaVA-OneVision: vision_tower / multi_modal_projector (+ OneVision's image_newline) /
+    language_model + lm_head. Qwen2.5-VL and Qwen3-VL: the vision
     transformer `visual` minus its patch merger(s) / `visual.merger` (+ Qwen3-VL's `deepstack_merger_list`) /
     language_model + lm_head. A parameter outside these (none today) goes to the projector.
 

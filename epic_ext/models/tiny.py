@@ -81,15 +81,17 @@ def build_tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa", dtyp
 def tiny_llava_onevision_config(*, text_layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
                                 vocab_size: int = 256, image_size: int = 28, patch_size: int = 7,
                                 pad_token_id: int = 0, max_positions: int = 4096, vision_hidden: int = 32,
-                                vision_layers: int = 2):
+                                vision_layers: int = 2, vision_use_head: bool = True):
     """LlavaOnevisionConfig: SigLIP tower with (image_size / patch_size)^2 features per crop (16 by default; video
     frames pooled to 4), anyres grids up to 2x2 crops, a Qwen2 language model with grouped-query attention. The
-    image token is the last id, the video token the one before."""
+    image token is the last id, the video token the one before. vision_use_head=False is the released
+    checkpoints' setting (no attention-pooling head, whose nn.MultiheadAttention reads its weights directly and so
+    fails under ZeRO-3)."""
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig  # noqa: PLC0415
 
     vision = SiglipVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                                 num_hidden_layers=vision_layers, num_attention_heads=2, image_size=image_size,
-                                patch_size=patch_size)
+                                patch_size=patch_size, vision_use_head=vision_use_head)
     text = Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=text_layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab_size,
                        max_position_embeddings=max_positions, pad_token_id=pad_token_id, tie_word_embeddings=False)

@@ -1,4 +1,5 @@
-"""Supervised samples of the chat-template families (Qwen2.5-VL, Qwen3-VL) from LLaVA-format records.
+"""Supervised samples of the chat-template families (Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision) from LLaVA-format
+records.
 
 The record format is LLaVA's (`epic_ext.train.data`): human / gpt turns, ``<image>`` placeholders (added before the
 first human turn's text when a record has images but none). Each conversation becomes chat messages
@@ -12,7 +13,8 @@ is what follows the rendering of the turns before it with the generation prompt 
 
 Images go through the checkpoint's image processor (dynamic resolution: each image gets its own patch grid); each
 image placeholder the template wrote is expanded to grid_t * grid_h * grid_w / merge_size^2 copies, the rule of the
-Qwen processors, and the text is tokenized once with offsets.
+Qwen processors (LLaVA-OneVision: anyres crops, counted in onevision_data.py), and the text is tokenized once with
+offsets.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from .data import video_frames as video_frame_names
 
 QWEN_IMAGE_TOKEN = "<|image_pad|>"
 QWEN_VIDEO_TOKEN = "<|video_pad|>"
+ONEVISION_IMAGE_TOKEN = "<image>"
+ONEVISION_VIDEO_TOKEN = "<video>"
 DEFAULT_VIDEO_FPS = 2.0  # frames per second of a record's frame list without an "fps" field (Qwen's sampling rate)
 
 
@@ -47,6 +51,10 @@ class ChatProcessor:
         video_token: the same for a video (Qwen: ``<|video_pad|>``).
         videos: whether the family takes video records here (Qwen2.5-VL; not Qwen3-VL, whose prompts carry
             per-frame timestamps this module does not write).
+        layout: LLaVA-OneVision's token-count rule (onevision_data.OnevisionLayout, from the model config); None
+            for the Qwen families.
+        video_normalize: LLaVA-OneVision: image_mean / image_std of the checkpoint's video_preprocessor_config.json
+            (None: the image processor's).
     """
 
     tokenizer: Any
@@ -56,16 +64,18 @@ class ChatProcessor:
     image_token: str = QWEN_IMAGE_TOKEN
     video_token: str = QWEN_VIDEO_TOKEN
     videos: bool = True
+    layout: Any = None
+    video_normalize: dict | None = None
 
     @classmethod
     def from_pretrained(cls, path: str, videos: bool = True) -> ChatProcessor:
         """Loads the tokenizer and the image processor of a checkpoint directory (without the video processor, whose
-        transformers class needs torchvision).
+        transformers class needs torchvision); a LLaVA-OneVision checkpoint (config.json) also gives its layout.
 
         Raises:
             ValueError: no chat template in the checkpoint, or a slow tokenizer (no offsets).
         """
-        from transformers import AutoTokenizer  # noqa: PLC0415
+        from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415
 
         from ..models._hf import image_processor_from_pretrained  # noqa: PLC0415
 
@@ -85,12 +95,31 @@ class ChatProcessor:
             raise ValueError(f"{path}: no chat template (tokenizer_config.json, chat_template.jinja or "
                              "chat_template.json)")
         image_processor = image_processor_from_pretrained(path)
-        image_token = getattr(tokenizer, "image_token", None) or QWEN_IMAGE_TOKEN
+        layout, image_token, video_token, video_normalize = None, QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, None
+        config_file = os.path.join(path, "config.json")
+        model_type = None
+        if os.path.isfile(config_file):
+            with open(config_file, encoding="utf-8") as handle:
+                model_type = json.load(handle).get("model_type")
+        elif not os.path.isdir(path):  # a Hub id
+            model_type = getattr(AutoConfig.from_pretrained(path), "model_type", None)
+        if model_type == "llava_onevision":
+            from .onevision_data import OnevisionLayout  # noqa: PLC0415
+
+            layout, image_token, video_token = (OnevisionLayout.from_config(AutoConfig.from_pretrained(path)),
+                                                ONEVISION_IMAGE_TOKEN, ONEVISION_VIDEO_TOKEN)
+            video_config = os.path.join(path, "video_preprocessor_config.json")
+            if os.path.isfile(video_config):
+                with open(video_config, encoding="utf-8") as handle:
+                    settings = json.load(handle)
+                video_normalize = {key: [float(v) for v in settings[key]] for key in ("image_mean", "image_std")
+                                   if isinstance(settings.get(key), list)}
+        image_token = getattr(tokenizer, "image_token", None) or image_token
         if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
             raise ValueError(f"{path}: the tokenizer has no {image_token} token")
         return cls(tokenizer=tokenizer, image_processor=image_processor, chat_template=template, source=path,
-                   image_token=image_token, video_token=getattr(tokenizer, "video_token", None) or QWEN_VIDEO_TOKEN,
-                   videos=videos)
+                   image_token=image_token, video_token=getattr(tokenizer, "video_token", None) or video_token,
+                   videos=videos, layout=layout, video_normalize=video_normalize)
 
     def save_pretrained(self, target: str | os.PathLike) -> None:
         """Copies the checkpoint's processor files (everything but the weights and the model / generation config)
@@ -131,7 +160,12 @@ class ChatProcessor:
         Returns:
             ({"pixel_values_videos": [t * h * w, C * tp * p * p] float32, "video_grid_thw": [1, 3] int64,
             "second_per_grid_ts": [1] float32 (tp / fps)}, the video's visual tokens t * h * w / merge_size^2).
+            LLaVA-OneVision: see onevision_data.onevision_video_inputs (fps unused).
         """
+        if self.layout is not None:
+            from .onevision_data import onevision_video_inputs  # noqa: PLC0415
+
+            return onevision_video_inputs(self.image_processor, self.layout, frames, self.video_normalize)
         if not frames:
             raise ValueError("video_inputs: a video needs at least one frame")
         if not fps > 0:
@@ -158,11 +192,16 @@ class ChatProcessor:
 
     def visual_inputs(self, images: list) -> tuple[dict, list[int]]:
         """({"pixel_values": [n_patches, C*t*p*p] float32, "image_grid_thw": [n, 3] int64} (None without images),
-        the visual tokens of each image: grid_t * grid_h * grid_w / merge_size^2).
+        the visual tokens of each image: grid_t * grid_h * grid_w / merge_size^2). LLaVA-OneVision: see
+        onevision_data.onevision_visual_inputs.
 
         Raises:
             ValueError: an image processor without merge_size (not a Qwen-VL one).
         """
+        if self.layout is not None:
+            from .onevision_data import onevision_visual_inputs  # noqa: PLC0415
+
+            return onevision_visual_inputs(self.image_processor, self.layout, images)
         if not images:
             return {"pixel_values": None, "image_grid_thw": None}, []
         merge = getattr(self.image_processor, "merge_size", None)
@@ -191,10 +230,11 @@ class ChatProcessor:
             visual, counts = self.visual_inputs(item_images)
             text, _ = expand_placeholders(text, self.image_token, counts, [])
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if self.layout is None:  # Qwen's M-RoPE positions read the token types
+                visual["mm_token_type_ids"] = torch.tensor([int(t == self.image_token_id) for t in ids],
+                                                           dtype=torch.int)
             samples.append(dict(input_ids=torch.tensor(ids, dtype=torch.long),
-                                labels=torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long), id=index,
-                                mm_token_type_ids=torch.tensor([int(t == self.image_token_id) for t in ids],
-                                                               dtype=torch.int), **visual))
+                                labels=torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long), id=index, **visual))
         return collate(samples, self.tokenizer.pad_token_id, padding_side=padding_side)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -299,7 +339,8 @@ class ChatDataset(LlavaDataset):
     tokens, 2 at video tokens, else 0), pixel_values FloatTensor [n_patches, C * t * p * p] and image_grid_thw
     LongTensor [n_images, 3] (both None without images), for a record with a ``video``: pixel_values_videos,
     video_grid_thw [1, 3] and second_per_grid_ts [1] (see ChatProcessor.video_inputs; the record's "fps", default
-    2), id.
+    2), id. LLaVA-OneVision instead: no mm_token_type_ids, pixel_values [n_images, crops, C, S, S], image_sizes
+    [n_images, 2], batch_num_images [1], pixel_values_videos [1, frames, C, S, S] (onevision_data.py).
     """
 
     def __init__(self, records, image_folder, processor: ChatProcessor, **kwargs):
@@ -343,12 +384,14 @@ class ChatDataset(LlavaDataset):
             for i in [*inside, after]:
                 labels[i] = input_ids[i]
         video_id = self.processor.video_token_id
-        token_types = [1 if token == self.image_token_id else 2 if token == video_id else 0 for token in input_ids]
-        visual["mm_token_type_ids"] = torch.tensor(token_types, dtype=torch.int)
+        if self.processor.layout is None:  # Qwen's M-RoPE positions read the token types
+            token_types = [1 if token == self.image_token_id else 2 if token == video_id else 0
+                           for token in input_ids]
+            visual["mm_token_type_ids"] = torch.tensor(token_types, dtype=torch.int)
         return input_ids, labels, visual
 
     def __getitem__(self, index: int) -> dict | None:
         sample = super().__getitem__(index)
-        if sample is not None:  # truncation cuts the token types with the ids
+        if sample is not None and "mm_token_type_ids" in sample:  # truncation cuts the token types with the ids
             sample["mm_token_type_ids"] = sample["mm_token_type_ids"][: sample["input_ids"].numel()]
         return sample

@@ -174,10 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
                                             "before DeepSpeed starts.")
     p.add_argument("--demo", action="store_true", help="run the embedded demo (synthetic data, tiny LLaVA)")
     p.add_argument("--demo-steps", type=int, default=defaults.demo_steps, help="training steps of --demo")
-    p.add_argument("--model", help="checkpoint directory: llava-hf LLaVA-1.5, Qwen2.5-VL or Qwen3-VL (model + "
-                                   "processor; the family comes from config.json's model_type)")
-    p.add_argument("--data", help="LLaVA-format JSON or JSONL (id, image, conversations; Qwen2.5-VL also video: a "
-                                  "list of frame files)")
+    p.add_argument("--model", help="checkpoint directory: llava-hf LLaVA-1.5, Qwen2.5-VL, Qwen3-VL or "
+                                   "LLaVA-OneVision (model + processor; the family comes from config.json's "
+                                   "model_type)")
+    p.add_argument("--data", help="LLaVA-format JSON or JSONL (id, image, conversations; Qwen2.5-VL and "
+                                  "LLaVA-OneVision also video: a list of frame files)")
     p.add_argument("--image-folder", default=defaults.image_folder, help="folder the records' image paths start from")
     p.add_argument("--output-dir", default=defaults.output_dir,
                    help="metrics, TensorBoard logs, checkpoints/ and the exported final/")

@@ -34,8 +34,10 @@ LLAVA_BACKGROUND = (122, 116, 104)
 _ROLES = ("human", "gpt")
 
 
-# Per-image (per-video) tensors of the chat-template families, concatenated over a batch in sample order.
-GRID_KEYS = ("image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+# Per-image (per-video, per-sample) tensors of the chat-template families, concatenated over a batch in sample order
+# (LLaVA-OneVision: image_sizes [n_images, 2] and batch_num_images [1] per sample, 0 without images).
+GRID_KEYS = ("image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "image_sizes",
+             "batch_num_images")
 # Why a sample can be skipped (LlavaDataset.skipped keys), in the order reports list them.
 SKIP_REASONS = ("missing_image", "corrupt_image", "bad_record", "too_long", "no_labels")
 
@@ -382,8 +384,9 @@ def collate(batch: Sequence[dict | None], pad_token_id: int, padding_side: str =
     Returns:
         None if every sample is None, else a dict with input_ids LongTensor [B, L], attention_mask LongTensor
         [B, L] (1 real, 0 pad), labels LongTensor [B, L], pixel_values FloatTensor [total images, 3, H, W] (all
-        samples' images concatenated in batch order, the order LlavaForConditionalGeneration consumes them) or
-        None when no sample has an image, and ids (list).
+        samples' images concatenated in batch order, the order LlavaForConditionalGeneration consumes them;
+        LLaVA-OneVision: [total images, most crops, 3, S, S]) or None when no sample has an image, and ids (list);
+        the GRID_KEYS present, concatenated.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -401,8 +404,14 @@ def collate(batch: Sequence[dict | None], pad_token_id: int, padding_side: str =
         labels[row, columns] = sample["labels"]
         attention_mask[row, columns] = 1
     images = [sample["pixel_values"] for sample in samples if sample["pixel_values"] is not None]
-    out = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-               pixel_values=torch.cat(images) if images else None, ids=[sample["id"] for sample in samples])
+    if images and images[0].dim() == 5:  # LLaVA-OneVision [n, crops, C, S, S]: crops padded to the batch's most
+        from .onevision_data import pad_crops  # noqa: PLC0415
+
+        pixel_values = pad_crops(images)
+    else:
+        pixel_values = torch.cat(images) if images else None
+    out = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, pixel_values=pixel_values,
+               ids=[sample["id"] for sample in samples])
     # chat-template families: token types padded like input_ids (0 = text), per-image grids concatenated in order
     if any("mm_token_type_ids" in sample for sample in samples):
         token_types = torch.zeros((len(samples), length), dtype=torch.int)
@@ -413,7 +422,11 @@ def collate(batch: Sequence[dict | None], pad_token_id: int, padding_side: str =
         out["mm_token_type_ids"] = token_types
     for key in GRID_KEYS:
         grids = [sample[key] for sample in samples if sample.get(key) is not None]
-        if grids:
+        if grids and key == "pixel_values_videos" and grids[0].dim() == 5:  # LLaVA-OneVision [1, frames, C, S, S]
+            from .onevision_data import stack_videos  # noqa: PLC0415
+
+            out[key] = stack_videos(grids)
+        elif grids:
             out[key] = torch.cat(grids)
     return out
 

@@ -67,6 +67,10 @@ def preflight(cfg: TrainConfig) -> Checked:
     if video_record is not None and not family.videos:
         raise UsageError(f"--data: record {video_record!r} has a video; training takes video records for "
                          f"{', '.join(f.name for f in TRAINABLE.values() if f.videos)} models, not {family.name}")
+    frame_counts = {len(r["video"]) for r in records if r.get("video") and isinstance(r["video"], list)}
+    if family.model_type == "llava_onevision" and len(frame_counts) > 1:
+        raise UsageError(f"--data: LLaVA-OneVision batches videos of one frame count; the video records have "
+                         f"{sorted(frame_counts)} frames: sample every video to the same number of frames")
     if cfg.eval_data:
         load_records_option(cfg.eval_data, "--eval-data")
     if len(records) < world_size:
