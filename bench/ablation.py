@@ -8,8 +8,12 @@ compressors. Stages are cached under the work directory (default build/ablation/
 never trained again, so an interrupted run resumes where it stopped.
 
 1. data: train / validation / test splits from fixed seeds.
-2. stage 1: a tiny LLaVA trained with all visual tokens, validated every chunk of steps, until the validation
-   accuracy stops improving (patience) or the step cap; the best chunk's export is the stage-1 model.
+2. stage 1: the model every variant starts from. With `"base": "demo_model"` (the quick profile) it is the
+   pretrained demo checkpoint committed in the package (epic_ext/assets/demo_model, `make demo-model`), on its own
+   task (the card's generator settings; the profile gives the split sizes) and, with `"layer": "demo"`, at the
+   layer its card chose on the validation split. Otherwise a tiny LLaVA is trained here with all visual tokens,
+   validated every chunk of steps, until the validation accuracy stops improving (patience) or the step cap; the
+   best chunk's export is the stage-1 model.
 3. stage 2: from the stage-1 model, every variant x seed with the same step budget, with the TCD constants of a
    preset (`--schedule-constants`, else the profile's `schedule_constants`; lambda is the preset's unless the
    profile sets `lam`). Stage 2 and the evaluations are cached per preset (stage2/<preset>, eval/<preset>); the
@@ -80,6 +84,27 @@ def load_profile(name: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- stages --
+def demo_card() -> dict:
+    from epic_ext.train.demo import load_card
+
+    return load_card()
+
+
+def resolve_base(profile: dict) -> None:
+    """A profile on the committed demo model takes its task generator settings and (with "layer": "demo") its
+    layer from the model's card; the split sizes stay the profile's."""
+    if profile.get("base") == "demo_model":
+        card = demo_card()
+        sizes = {k: profile["task"][k] for k in ("n_train", "n_val", "n_test")}
+        profile["task"] = dict(card["task"], **sizes)
+        if profile["layer"] == "demo":
+            profile["layer"] = card["demo"]["layer"]
+    elif profile.get("base") is not None:
+        raise SystemExit(f"profile {profile['name']}: base must be \"demo_model\" or absent, got {profile['base']!r}")
+    if not isinstance(profile["layer"], int):
+        raise SystemExit(f"profile {profile['name']}: layer must be an int (or \"demo\" with base demo_model)")
+
+
 def stage_data(profile: dict, work: pathlib.Path) -> dict:
     done = work / "data" / "splits.json"
     if done.is_file():
@@ -88,6 +113,12 @@ def stage_data(profile: dict, work: pathlib.Path) -> dict:
     from epic_ext.train.demo_data import build_tiny_processor, demo_vocabulary, make_shapes_task
 
     task = profile["task"]
+    if profile.get("base") == "demo_model":
+        splits = make_shapes_task(work / "data", **{k: task[k] for k in (
+            "n_train", "n_val", "n_test", "seed", "image_size", "grid", "train_questions", "train_caption")})
+        done.write_text(json.dumps(splits))
+        log(f"data: {task['n_train']}/{task['n_val']}/{task['n_test']} items of the demo model's task")
+        return splits
     splits = make_shapes_task(work / "data", n_train=task["n_train"], n_val=task["n_val"], n_test=task["n_test"],
                               seed=task["seed"], image_size=task["image_size"], grid=task["grid"])
     model_dir = work / "init_model"
@@ -145,7 +176,13 @@ def _items(splits: dict, split: str, work: pathlib.Path) -> list[dict]:
 
 
 def stage1(profile: dict, work: pathlib.Path, splits: dict) -> pathlib.Path:
-    """SFT with all visual tokens in chunks, validating after each; returns the best chunk's export."""
+    """SFT with all visual tokens in chunks, validating after each; returns the best chunk's export (or the
+    committed demo model for a profile based on it)."""
+    if profile.get("base") == "demo_model":
+        from epic_ext.train.demo import ASSET_DIR
+
+        log(f"stage 1: the committed demo model ({ASSET_DIR}), layer {profile['layer']}")
+        return ASSET_DIR
     out = work / "stage1"
     best_dir = out / "best"
     if (out / "done.json").is_file():
@@ -394,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.results_dir:
         RESULTS = pathlib.Path(args.results_dir)
     profile = load_profile(args.profile)
+    resolve_base(profile)
     profile["preset"] = args.schedule_constants or profile.get("schedule_constants", "release")
     if profile["preset"] not in PRESETS:
         raise SystemExit(f"profile {args.profile}: schedule_constants must be one of {PRESETS}")
