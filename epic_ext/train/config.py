@@ -24,7 +24,7 @@ class TrainConfig:
     image_folder: str = "."
     output_dir: str = "runs/epic"
     demo: bool = False
-    demo_steps: int = 1500
+    demo_steps: int = 2000
     # compression and schedule
     method: str = "fastv"
     schedule: str = "tcd"
@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "DeepSpeed. Paths, the model's config and every setting are checked "
                                             "before DeepSpeed starts.")
     p.add_argument("--demo", action="store_true", help="run the embedded demo (synthetic data, tiny LLaVA)")
-    p.add_argument("--demo-steps", type=int, default=defaults.demo_steps, help="training steps of --demo")
+    p.add_argument("--demo-steps", type=int, default=defaults.demo_steps,
+                   help="steps of the demo's EPIC (TCD) run from the pretrained checkpoint")
     p.add_argument("--model", help="llava-hf checkpoint directory (LlavaForConditionalGeneration + processor)")
     p.add_argument("--data", help="LLaVA-format JSON or JSONL (id, image, conversations)")
     p.add_argument("--image-folder", default=defaults.image_folder, help="folder the records' image paths start from")

@@ -93,7 +93,8 @@ def majority_baseline(train_records: list[dict], test_items: list[dict]) -> dict
             answers[family][reply.strip().lower()] += 1
     hits: dict[str, list[bool]] = collections.defaultdict(list)
     for item in test_items:
-        guess = answers[item["family"]].most_common(1)[0][0] if answers[item["family"]] else ""
+        seen = answers.get(item["family"])
+        guess = seen.most_common(1)[0][0] if seen else ""  # a family never seen in training: always wrong
         hits[item["family"]].append(guess == item["answer"].strip().lower())
     overall = [hit for values in hits.values() for hit in values]
     return {"accuracy": 100.0 * sum(overall) / max(len(overall), 1),

@@ -39,9 +39,9 @@ _logger = logging.getLogger(__name__)
 TASK = dict(seed=0, image_size=56, grid=4, n_train=20000, n_val=300, n_test=1000, train_questions=1,
             train_caption=False)
 MODEL = dict(hidden=64, text_layers=4, heads=4, kv_heads=2, vision_hidden=64, vision_layers=3, seed=0)
-RECIPE = dict(lr=5e-4, batch=32, chunk_steps=2000, max_steps=40000, patience=4, min_improvement=0.5)
+RECIPE = dict(lr=5e-4, batch=32, chunk_steps=2000, max_steps=16000, patience=4, min_improvement=0.5)
 DEMO_METHOD = "random"
-DROP_TARGET = 10.0  # points, at 1/4 of the visual tokens, on the validation split
+DROP_TARGET = 15.0  # points, at 1/4 of the visual tokens, on the validation split (10 + a margin for its noise)
 ACCURACY_TARGET = 75.0  # test exact match at full tokens
 FAMILY_MARGIN = 15.0  # points above the family's majority answer
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",
