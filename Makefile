@@ -15,7 +15,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
 PROFILE ?= quick
 CONSTANTS ?=
-.PHONY: all setup build test test-compat install-check fuzz demo bench ablation cuda-check cuda-emu \
+.PHONY: all setup build test test-compat install-check fuzz demo demo-model bench ablation cuda-check cuda-emu \
 	cuda-emu-planted cuda-link-check gpu-check gpu-wheels clean
 all: test
 
@@ -59,6 +59,11 @@ fuzz: build
 
 demo: build
 	$(VPY) -m epic_ext.train --demo --output-dir runs/demo
+
+# The demo's pretrained checkpoint (epic_ext/assets/demo_model): SFT at full visual tokens through the training path,
+# validated in chunks; stages cached in build/demo_model (an interrupted run resumes). About an hour on 2 cores.
+demo-model: build
+	$(VPY) -m epic_ext.train.demo_model --work-dir build/demo_model --install
 
 bench: build
 	$(VPY) -m pytest bench -o python_files="bench_*.py" -p no:cacheprovider --benchmark-disable-gc -s $(PYTEST_ARGS)

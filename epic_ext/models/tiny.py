@@ -14,8 +14,12 @@ import torch
 def tiny_llava_config(*, text_layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
                       vocab_size: int = 256, image_size: int = 56, patch_size: int = 14, image_token_id: int | None = None,
                       pad_token_id: int = 0, max_positions: int = 2048, vision_hidden: int = 32,
-                      vision_layers: int = 2):
-    """LlavaConfig with (image_size / patch_size)^2 visual tokens per image (16 by default)."""
+                      vision_layers: int = 2, vision_feature_layer: int = -1):
+    """LlavaConfig with (image_size / patch_size)^2 visual tokens per image (16 by default).
+
+    vision_feature_layer: the vision tower's hidden state the projector reads (-1: the last layer's output; 0: the
+    patch embeddings with position embeddings, after CLIP's pre-layernorm, i.e. purely local features per patch).
+    """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig  # noqa: PLC0415
 
     vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
@@ -27,7 +31,8 @@ def tiny_llava_config(*, text_layers: int = 4, hidden: int = 64, heads: int = 4,
     image_token_id = vocab_size - 1 if image_token_id is None else image_token_id
     tokens = (image_size // patch_size) ** 2
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
-                       image_seq_length=tokens, vision_feature_select_strategy="default", vision_feature_layer=-1,
+                       image_seq_length=tokens, vision_feature_select_strategy="default",
+                       vision_feature_layer=vision_feature_layer,
                        pad_token_id=pad_token_id)
 
 

@@ -24,7 +24,7 @@ class TrainConfig:
     image_folder: str = "."
     output_dir: str = "runs/epic"
     demo: bool = False
-    demo_steps: int = 1500
+    demo_steps: int = 2000
     # compression and schedule
     method: str = "fastv"
     schedule: str = "tcd"
@@ -172,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="EPIC training: TCD / LCD self-distillation of a LLaVA-1.5 / Qwen-VL model with "
                                             "DeepSpeed. Paths, the model's config and every setting are checked "
                                             "before DeepSpeed starts.")
-    p.add_argument("--demo", action="store_true", help="run the embedded demo (synthetic data, tiny LLaVA)")
-    p.add_argument("--demo-steps", type=int, default=defaults.demo_steps, help="training steps of --demo")
+    p.add_argument("--demo", action="store_true", help="run the embedded demo (pretrained tiny LLaVA, shapes QA, EPIC)")
+    p.add_argument("--demo-steps", type=int, default=defaults.demo_steps,
+                   help="steps of the demo's EPIC (TCD) run from the pretrained checkpoint")
     p.add_argument("--model", help="checkpoint directory: llava-hf LLaVA-1.5, Qwen2.5-VL, Qwen3-VL or "
                                    "LLaVA-OneVision (model + processor; the family comes from config.json's "
                                    "model_type)")

@@ -36,13 +36,17 @@ _TEMPLATE_WORDS = ("user", "assistant", ":", "what", "color", "is", "the", "shap
                    "?", "how", "many", "are", "there", "shapes", "a", "yes", "no", ".")
 
 
+CAPTION_QUESTION = "describe the image ."
+
+
 def demo_vocabulary() -> list[str]:
     """Every word the demo prompts and answers can contain (lowercase, punctuation as words), in a fixed order.
 
     Returns:
         The word list, without special tokens; `build_tiny_processor(demo_vocabulary())` covers the task.
     """
-    words = [*_TEMPLATE_WORDS, *COLORS, *SHAPES, *(shape + "s" for shape in SHAPES), *NUMBER_WORDS]
+    words = [*_TEMPLATE_WORDS, *COLORS, *SHAPES, *(shape + "s" for shape in SHAPES), *NUMBER_WORDS,
+             *CAPTION_QUESTION.split()]
     return list(dict.fromkeys(words))
 
 
@@ -151,7 +155,14 @@ def _question(scene: list[tuple[int, int, str, str]], family: str, rng: random.R
     return f"is there a {color} {shape} ?", "yes" if (color, shape) in present else "no"
 
 
-def _make_split(out_dir: str, split: str, count: int, seed: int, image_size: int, grid: int) -> list[dict]:
+def _caption(scene: list[tuple[int, int, str, str]]) -> str:
+    """Every shape in reading order: "red circle in row one , column two . blue square in ..."."""
+    return " ".join(f"{color} {shape} in row {NUMBER_WORDS[row + 1]} , column {NUMBER_WORDS[column + 1]} ."
+                    for row, column, color, shape in scene)
+
+
+def _make_split(out_dir: str, split: str, count: int, seed: int, image_size: int, grid: int,
+                questions: int = 1, caption: bool = False) -> list[dict]:
     rng = random.Random(f"epic-shapes/{seed}/{split}")  # str seeds hash with sha512: stable across runs
     cells = [(row, column) for row in range(grid) for column in range(grid)]
     most = min(6, len(cells))
@@ -159,18 +170,28 @@ def _make_split(out_dir: str, split: str, count: int, seed: int, image_size: int
     for index in range(count):
         placed = rng.sample(cells, rng.randint(min(2, most), most))
         scene = sorted((row, column, rng.choice(list(COLORS)), rng.choice(SHAPES)) for row, column in placed)
-        family = FAMILIES[index % len(FAMILIES)]
-        question, answer = _question(scene, family, rng)
+        families = [FAMILIES[(index + turn) % len(FAMILIES)] for turn in range(questions)]
+        turns = [_question(scene, family, rng) for family in families]
+        if caption:
+            turns.append((CAPTION_QUESTION, _caption(scene)))
+            families.append("describe")
         name = f"images/{split}_{index:06d}.png"
         _draw_scene(scene, image_size, grid).save(os.path.join(out_dir, name), format="PNG", compress_level=1)
-        records.append({"id": f"{split}-{index:06d}", "image": name, "family": family, "answer": answer,
-                        "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"},
-                                          {"from": "gpt", "value": answer}]})
+        conversations = []
+        for turn, (question, answer) in enumerate(turns):
+            conversations += [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}" if turn == 0 else question},
+                              {"from": "gpt", "value": answer}]
+        record = {"id": f"{split}-{index:06d}", "image": name, "family": families[0], "answer": turns[0][1],
+                  "conversations": conversations}
+        if len(turns) > 1:
+            record["families"] = families
+        records.append(record)
     return records
 
 
 def make_shapes_task(out_dir: str | os.PathLike, n_train: int, n_val: int, n_test: int, seed: int = 0,
-                     image_size: int = 56, grid: int = 3) -> dict[str, str]:
+                     image_size: int = 56, grid: int = 3, train_questions: int = 1,
+                     train_caption: bool = False) -> dict[str, str]:
     """Writes the shapes visual-QA task: PNGs under out_dir/images and one LLaVA-format JSON per split.
 
     Args:
@@ -179,6 +200,11 @@ def make_shapes_task(out_dir: str | os.PathLike, n_train: int, n_val: int, n_tes
         seed: the same seed writes byte-identical files; each split draws from its own seed, so splits differ.
         image_size: canvas side in pixels.
         grid: grid x grid cells (2..9); each image holds 2..min(6, grid^2) shapes, one per cell.
+        train_questions: questions per training image (1..8; the families in turn from the record's own): a
+            multi-turn conversation, every answer supervised (the record's "families" lists each turn's).
+        train_caption: a last training turn "describe the image ." answered with every shape, its colour and its
+            cell in reading order (dense supervision, as LLaVA's caption pre-training; family "describe").
+            Validation and test records ask one question each, never the caption.
 
     Returns:
         split name ("train", "val", "test") -> path of its JSON file (a list of records with id, image (relative
@@ -186,13 +212,17 @@ def make_shapes_task(out_dir: str | os.PathLike, n_train: int, n_val: int, n_tes
     """
     if not 2 <= grid <= 9:
         raise ValueError(f"grid must be in 2..9 (rows are named one..nine), got {grid}")
+    if not 1 <= train_questions <= 8:
+        raise ValueError(f"train_questions must be in 1..8, got {train_questions}")
     if image_size < 2 * grid:
         raise ValueError(f"image_size {image_size} is too small for a {grid}x{grid} grid")
     out_dir = os.fspath(out_dir)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     paths = {}
     for split, count in zip(_SPLITS, (n_train, n_val, n_test)):
-        records = _make_split(out_dir, split, count, seed, image_size, grid)
+        records = _make_split(out_dir, split, count, seed, image_size, grid,
+                              questions=train_questions if split == "train" else 1,
+                              caption=train_caption and split == "train")
         paths[split] = os.path.join(out_dir, f"{split}.json")
         with open(paths[split], "w", encoding="utf-8") as handle:
             json.dump(records, handle, indent=1)
