@@ -83,6 +83,14 @@ def test_layers_checked_against_the_models_config(assets, tmp_path, capsys, opti
     assert not (tmp_path / "train_config.json").exists()  # nothing started
 
 
+def test_icd_stages_that_do_not_fit_the_model_stop_before_start_up(assets, tmp_path, capsys):
+    """ICD's 3 default stages need 3 distinct layers from the deepest down to --min-layer: a 2-layer model has 2."""
+    argv = with_option(base_args(assets, tmp_path), "--layer", "0") + ["--schedule", "icd", "--min-layer", "0"]
+    line = refused(capsys, argv)
+    assert "--schedule icd" in line and "2 decoder layers" in line and "icd_layers" in line
+    assert not (tmp_path / "train_config.json").exists()
+
+
 def test_eval_keep_checked_against_the_visual_tokens(assets, tmp_path, capsys):
     line = refused(capsys, base_args(assets, tmp_path) + ["--eval-data", assets["test"], "--eval-keep", "17"])
     assert "--eval-keep" in line and "16 visual tokens" in line

@@ -35,6 +35,22 @@ def check_layers(cfg: TrainConfig, num_layers: int) -> None:
                          f"model ({num_layers} decoder layers), got {cfg.min_layer}")
 
 
+def check_schedule(cfg: TrainConfig, num_layers: int) -> None:
+    """The schedule as the training loop will build it (e.g. ICD's stage layers must fit between --min-layer and
+    the model's depth), so a bad combination stops here, not after DeepSpeed starts."""
+    from ..schedules import ScheduleConfig, icd_layers, resolve_constants  # noqa: PLC0415
+
+    try:
+        constants = resolve_constants(cfg.schedule_constants, cfg.method)
+        schedule = ScheduleConfig(kind=cfg.schedule, num_layers=num_layers, layer=cfg.layer,
+                                  min_layer=min(cfg.min_layer, num_layers), target_ratio=cfg.ratio,
+                                  teacher_ratio=cfg.teacher_ratio, seed=cfg.seed, **constants.schedule)
+        if cfg.schedule == "icd":
+            icd_layers(schedule)
+    except ValueError as error:
+        raise UsageError(f"--schedule {cfg.schedule} on this model ({num_layers} decoder layers): {error}") from error
+
+
 def preflight(cfg: TrainConfig) -> Checked:
     """Runs every check that needs no model weights and no process group.
 
@@ -54,6 +70,7 @@ def preflight(cfg: TrainConfig) -> Checked:
     family = family_of(config)
     num_layers = config.text_config.num_hidden_layers
     check_layers(cfg, num_layers)
+    check_schedule(cfg, num_layers)
     if family.chat_template and cfg.eval_data and not cfg.eval_keep:
         raise UsageError(f"--eval-keep is required with --eval-data for a {family.name} model (its visual tokens "
                          "per sample vary with the image sizes): give the visual tokens kept per sample")
