@@ -111,13 +111,16 @@ class FamilyAdapter(abc.ABC):
     name: str = ""
     model_class_names: tuple[str, ...] = ()
 
-    @abc.abstractmethod
     def multimodal_module(self, model) -> torch.nn.Module:
-        """The module whose forward sees input_ids before visual features are merged in (pre-hooked)."""
+        """The module whose forward sees input_ids before visual features are merged in (pre-hooked). Default: the
+        layout of every supported family, `*ForConditionalGeneration.model` holding `.language_model` (or the
+        `*Model` class itself)."""
+        inner = getattr(model, "model", None)
+        return inner if inner is not None and hasattr(inner, "language_model") else model
 
-    @abc.abstractmethod
     def language_model(self, model) -> torch.nn.Module:
-        """The text decoder whose forward is replaced."""
+        """The text decoder whose forward is replaced (default: the multimodal module's `language_model`)."""
+        return getattr(self.multimodal_module(model), "language_model", None)
 
     @abc.abstractmethod
     def visual_token_ids(self, config) -> tuple[int, ...]:

@@ -28,13 +28,6 @@ class LlavaAdapter(FamilyAdapter):
     name = "llava"
     model_class_names = ("LlavaForConditionalGeneration", "LlavaModel")
 
-    def multimodal_module(self, model) -> torch.nn.Module:
-        inner = getattr(model, "model", None)
-        return inner if inner is not None and hasattr(inner, "language_model") else model
-
-    def language_model(self, model) -> torch.nn.Module:
-        return getattr(self.multimodal_module(model), "language_model", None)
-
     def visual_token_ids(self, config) -> tuple[int, ...]:
         token = image_token_id(config)
         return () if token is None else (token,)

@@ -39,13 +39,6 @@ class _QwenAdapter(FamilyAdapter):
     # rows of the ids the stock text model builds from none / from 2-D ids (Qwen2.5-VL: 3, Qwen3-VL: 4)
     default_rows: int = 3
 
-    def multimodal_module(self, model) -> torch.nn.Module:
-        inner = getattr(model, "model", None)
-        return inner if inner is not None and hasattr(inner, "language_model") else model
-
-    def language_model(self, model) -> torch.nn.Module:
-        return getattr(self.multimodal_module(model), "language_model", None)
-
     def visual_token_ids(self, config) -> tuple[int, ...]:
         ids = (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
         return tuple(i for i in ids if i is not None)
