@@ -8,7 +8,8 @@ PIP := $(VPY) -m pip
 PIPC := $(PIP) install -c constraints.txt
 DEPS_STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
-SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
+# Python files too: the editable install maps every module by name, so an added or removed module needs a reinstall.
+SOURCES := $(shell find csrc -type f) $(shell find epic_ext -name "*.py") CMakeLists.txt pyproject.toml
 PYTEST_ARGS ?=
 # DeepSpeed JIT-compiles a CPU communication op once; keep it in the build tree so later runs reuse it.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
@@ -51,19 +52,19 @@ test-compat: build
 install-check:
 	tools/install_check.sh
 
-# The property-based op tests (python_tests/test_fuzz_*.py) with many random examples instead of `make test`'s
+# The property-based op tests (python_tests/ops/test_fuzz_*.py) with many random examples instead of `make test`'s
 # fixed, bounded set (Hypothesis profile "fuzz", see python_tests/conftest.py). Failures are saved in .hypothesis/
 # and replayed first next time; turn each into an @example or a plain test.
 fuzz: build
-	$(VPY) -m pytest python_tests/test_fuzz_*.py --hypothesis-profile=fuzz -p no:cacheprovider $(PYTEST_ARGS)
+	$(VPY) -m pytest python_tests/ops/test_fuzz_*.py --hypothesis-profile=fuzz -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: build
-	$(VPY) -m epic_ext.train --demo --output-dir runs/demo
+	$(VPY) -m epic_ext.demo --output-dir runs/demo
 
 # The demo's pretrained checkpoint (epic_ext/assets/demo_model): SFT at full visual tokens through the training path,
 # validated in chunks; stages cached in build/demo_model (an interrupted run resumes). About an hour on 2 cores.
 demo-model: build
-	$(VPY) -m epic_ext.train.demo_model --work-dir build/demo_model --install
+	$(VPY) -m epic_ext.demo.model --work-dir build/demo_model --install
 
 bench: build
 	$(VPY) -m pytest bench -o python_files="bench_*.py" -p no:cacheprovider --benchmark-disable-gc -s $(PYTEST_ARGS)

@@ -36,11 +36,9 @@ import json
 import os
 import pathlib
 import random
-import shutil
-import socket
-import subprocess
-import sys
 import time
+
+from epic_ext.demo.stages import chunked_sft, evaluate_dir, read_json, run_train, split_items, write_json
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROFILES = ROOT / "bench" / "ablation_profiles"
@@ -85,7 +83,7 @@ def load_profile(name: str) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- stages --
 def demo_card() -> dict:
-    from epic_ext.train.demo import load_card
+    from epic_ext.demo.pipeline import load_card
 
     return load_card()
 
@@ -106,17 +104,17 @@ def resolve_base(profile: dict) -> None:
 
 
 def stage_data(profile: dict, work: pathlib.Path) -> dict:
-    done = work / "data" / "splits.json"
+    done = work / "data" / "splits.json"  # written last: the stage is complete or runs again
     if done.is_file():
         return json.loads(done.read_text())
+    from epic_ext.demo.task import build_tiny_processor, demo_vocabulary, make_shapes_task
     from epic_ext.models.tiny import build_tiny_llava
-    from epic_ext.train.demo_data import build_tiny_processor, demo_vocabulary, make_shapes_task
 
     task = profile["task"]
     if profile.get("base") == "demo_model":
         splits = make_shapes_task(work / "data", **{k: task[k] for k in (
             "n_train", "n_val", "n_test", "seed", "image_size", "grid", "train_questions", "train_caption")})
-        done.write_text(json.dumps(splits))
+        write_json(done, splits)
         log(f"data: {task['n_train']}/{task['n_val']}/{task['n_test']} items of the demo model's task")
         return splits
     splits = make_shapes_task(work / "data", n_train=task["n_train"], n_val=task["n_val"], n_test=task["n_test"],
@@ -130,101 +128,47 @@ def stage_data(profile: dict, work: pathlib.Path) -> dict:
                              heads=m["heads"], kv_heads=m["kv_heads"], image_size=task["image_size"],
                              vision_hidden=m.get("vision_hidden", 32), vision_layers=m.get("vision_layers", 2))
     model.save_pretrained(str(model_dir))
-    done.write_text(json.dumps(splits))
+    write_json(done, splits)
     log(f"data: {task['n_train']}/{task['n_val']}/{task['n_test']} items, model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     return splits
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_train(args: list[str], log_path: pathlib.Path, threads: int) -> None:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MASTER_PORT=str(_free_port()), PYTHONUNBUFFERED="1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(key, None)
-    with log_path.open("a") as out:
-        proc = subprocess.run([sys.executable, "-m", "epic_ext.train", *args], env=env, stdout=out,
-                              stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"training failed (exit {proc.returncode}); see {log_path}")
-
-
-def evaluate_dir(model_dir: pathlib.Path, items: list[dict], settings: list[dict], profile: dict) -> list[dict]:
+def _evaluate(model_dir: pathlib.Path, items: list[dict], settings: list[dict], profile: dict) -> list[dict]:
     import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from epic_ext.eval import evaluate
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).to(device)
-    processor = AutoProcessor.from_pretrained(str(model_dir))
-    return evaluate(model, processor, items, settings, batch_size=profile["eval"]["batch_size"], max_new_tokens=3,
-                    device=device, seed=profile["eval"]["seed"])
-
-
-def _items(splits: dict, split: str, work: pathlib.Path) -> list[dict]:
-    from epic_ext.eval import load_items
-    from epic_ext.train.data import load_records
-
-    return load_items(load_records(splits[split]), work / "data")
+    return evaluate_dir(model_dir, items, settings, batch_size=profile["eval"]["batch_size"],
+                        seed=profile["eval"]["seed"], predictions=True)
 
 
 def stage1(profile: dict, work: pathlib.Path, splits: dict) -> pathlib.Path:
     """SFT with all visual tokens in chunks, validating after each; returns the best chunk's export (or the
     committed demo model for a profile based on it)."""
     if profile.get("base") == "demo_model":
-        from epic_ext.train.demo import ASSET_DIR
+        from epic_ext.demo import DEMO_MODEL_DIR as ASSET_DIR
 
         log(f"stage 1: the committed demo model ({ASSET_DIR}), layer {profile['layer']}")
         return ASSET_DIR
     out = work / "stage1"
-    best_dir = out / "best"
-    if (out / "done.json").is_file():
-        return best_dir
+    if read_json(out / "done.json") is not None:
+        return out / "best"
     s1 = profile["stage1"]
-    val = _items(splits, "val", work)
-    n_visual = (profile["task"]["image_size"] // 14) ** 2
-    history = json.loads((out / "history.json").read_text()) if (out / "history.json").is_file() else []
-    best, stale = -1.0, 0  # replay the history of an interrupted run
-    for h in history:
-        if h["val_accuracy"] > best + s1["min_improvement"]:
-            best, stale = h["val_accuracy"], 0
-        else:
-            stale += 1
-    steps = history[-1]["steps"] if history else 0
-    if history and stale >= s1["patience"]:
-        steps = s1["max_steps"]
-    while steps < s1["max_steps"]:
-        steps += s1["chunk_steps"]
-        args = ["--model", str(work / "init_model"), "--data", splits["train"], "--image-folder", str(work / "data"),
+
+    def train_args(steps: int) -> list[str]:
+        return ["--model", str(work / "init_model"), "--data", splits["train"], "--image-folder", str(work / "data"),
                 "--output-dir", str(out / "run"), "--schedule", "fixed", "--ratio", "0.0", "--lam", "0",
                 "--layer", str(profile["layer"]), "--lr", str(s1["lr"]), "--warmup-ratio", "0",
                 "--min-lr-ratio", "1.0", "--micro-batch-size", str(s1["batch"]), "--max-steps", str(steps),
                 "--save-steps", str(s1["chunk_steps"]), "--keep-checkpoints", "1", "--resume", "auto",
                 "--no-freeze-vision", "--zero", "0", "--seed", str(profile["model"]["seed"]), "--max-length", "256"]
-        started = time.perf_counter()
-        run_train(args, out / "train.log", threads=os.cpu_count() or 2)
-        row = evaluate_dir(out / "run" / "final", val, [{"method": "random", "keep": n_visual}], profile)[0]
-        history.append({"steps": steps, "val_accuracy": row["accuracy"], "families": row["families"],
-                        "seconds": time.perf_counter() - started})
-        (out / "history.json").write_text(json.dumps(history, indent=1))
-        log(f"stage 1: {steps} steps, validation accuracy {row['accuracy']:.1f}% {row['families']}")
-        if row["accuracy"] > best + s1["min_improvement"]:
-            best, stale = row["accuracy"], 0
-            shutil.rmtree(best_dir, ignore_errors=True)
-            shutil.copytree(out / "run" / "final", best_dir)
-        else:
-            stale += 1
-            if stale >= s1["patience"]:
-                break
-    (out / "done.json").write_text(json.dumps({"best_val_accuracy": best, "history": history}))
-    return best_dir
+
+    result = chunked_sft(out, train_args, split_items(splits, "val", work / "data"),
+                         (profile["task"]["image_size"] // 14) ** 2, chunk_steps=s1["chunk_steps"],
+                         max_steps=s1["max_steps"], patience=s1["patience"], min_improvement=s1["min_improvement"],
+                         threads=os.cpu_count() or 2, eval_batch_size=profile["eval"]["batch_size"],
+                         eval_seed=profile["eval"]["seed"], log=lambda message: log(f"stage 1: {message}"))
+    write_json(out / "done.json", result)
+    return out / "best"
 
 
 def variant_constants(profile: dict, spec: dict) -> str:
@@ -297,14 +241,13 @@ def eval_model(profile: dict, work: pathlib.Path, name: str, model_dir: pathlib.
     from epic_ext.eval import normalize_answer
 
     started = time.perf_counter()
-    rows = evaluate_dir(model_dir, items, [{k: v for k, v in s.items() if k != "fraction"} for s in settings], profile)
+    rows = _evaluate(model_dir, items, [{k: v for k, v in s.items() if k != "fraction"} for s in settings], profile)
     out = []
     for setting, row in zip(settings, rows):
         correct = [int(normalize_answer(p) == normalize_answer(i["answer"])) for p, i in zip(row["predictions"], items)]
         out.append({**setting, "accuracy": row["accuracy"], "families": row["families"], "correct": correct,
                     "prefill_gflops": 1000 * row["prefill_tflops_exact"], "kv_mb": row["kv_mb"]})
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(out))
+    write_json(cache, out, indent=None)
     log(f"eval: {name} in {time.perf_counter() - started:.0f} s: " + ", ".join(
         f"{r['method']}@{r['keep']}={r['accuracy']:.1f}" for r in out if r["method"] in ("none", profile["eval"]["primary"])))
     return out
@@ -446,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     splits = stage_data(profile, work)
     base = stage1(profile, work, splits)
-    test = _items(splits, "test", work)
+    test = split_items(splits, "test", work / "data")
     n_visual = (profile["task"]["image_size"] // 14) ** 2
     settings = settings_for(profile, n_visual)
     zero = eval_model(profile, work, "zero_shot", base, test, settings)

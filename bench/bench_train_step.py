@@ -18,8 +18,8 @@ DEVICE = bench_device()
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from epic_ext.models.tiny import build_tiny_llava
-    from epic_ext.train.data import LlavaDataset, collate, load_records
-    from epic_ext.train.demo_data import build_tiny_processor, demo_vocabulary, make_shapes_task
+    from epic_ext.data import LlavaDataset, collate, load_records
+    from epic_ext.demo.task import build_tiny_processor, demo_vocabulary, make_shapes_task
 
     root = tmp_path_factory.mktemp("step")
     splits = make_shapes_task(root / "data", n_train=64, n_val=1, n_test=1, seed=0)

@@ -63,7 +63,7 @@ def require_file(path: str | None, option: str) -> str:
 def load_records_option(path: str | None, option: str) -> list[dict]:
     """The records of a LLaVA-format file given as `option`; a missing file, malformed JSON or a malformed record
     is a UsageError naming the option (and the line, for JSON errors)."""
-    from .train.data import load_records  # noqa: PLC0415
+    from .data.records import load_records  # noqa: PLC0415
 
     require_file(path, option)
     try:

@@ -1,11 +1,5 @@
-"""Prefill FLOPs, KV-cache bytes and measured latency of multimodal LLMs with visual-token compression.
-
-Compression at decoder layer K keeps `kept` of the `n_visual` visual tokens: layers < K see all n prompt tokens,
-layers >= K see n' = n - n_visual + kept (text is never dropped), and their KV cache is n' long.
-
-Built-in language-model shapes (written in code, no download): LLaVA-1.5 7B/13B, LLaVA-NeXT (vicuna-7b,
-mistral-7b), LLaVA-OneVision-7B, Qwen2.5-VL-7B, Qwen3-VL-8B. Families with anyres or dynamic resolution have no
-fixed visual-token count: each shape carries a documented typical count, and `--visual-tokens` sets another.
+"""`python -m epic_ext.efficiency`: the analytic cost table (epic_ext.cost) of a model at several kept-token
+settings and, with --measure, measured prefill and decode latency of a random-weight LLaVA-1.5 built from a config.
 
     python -m epic_ext.efficiency --model llava-1.5-7b --layer 2 --keep 576 192 128 64
     python -m epic_ext.efficiency --model qwen2.5-vl-7b --visual-tokens 1296 --keep 1296 324 144
@@ -26,240 +20,12 @@ from collections.abc import Sequence
 
 import torch
 
+from .cost import DTYPES, load_config, model_shape, report
+from .models.families import builtin_shapes
+
 _logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MEMORY_FRACTION = 0.6  # --measure refuses when the weights need more than this share of the free memory
-
-
-@dataclasses.dataclass(frozen=True)
-class LMShape:
-    """The dimensions of a Llama-style language model that FLOPs and KV bytes depend on."""
-
-    name: str
-    layers: int
-    hidden: int  # d
-    intermediate: int  # m (SwiGLU width)
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    visual_tokens: int = 576  # per sample: one image (LLaVA-1.5), or a typical anyres / dynamic count (see below)
-    family: str = "llava"  # the transformers model_type of the multimodal model
-
-
-# The language models' dimensions, from the released checkpoints' config.json (transformers ports):
-# - llava-1.5-7b / -13b: Vicuna-7B / -13B, vocab 32064 (32000 + <image> + padding to 64). 576 = (336 / 14)^2.
-# - llava-next-vicuna-7b (llava-hf/llava-v1.6-vicuna-7b-hf): Vicuna-7B as above. llava-next-mistral-7b
-#   (llava-hf/llava-v1.6-mistral-7b-hf): Mistral-7B-Instruct-v0.2, 14336 MLP, 8 KV heads, vocab 32064. 2928 visual
-#   tokens = a 672x672 image: base crop 576 + a 2x2 grid of 336-px crops (48 x 48 = 2304) + 48 newline slots (the
-#   image feature size vLLM's configs use for these checkpoints).
-# - llava-onevision-7b (llava-hf/llava-onevision-qwen2-7b-ov-hf): Qwen2-7B-Instruct (28 layers, d 3584, MLP 18944,
-#   28 heads / 4 KV heads of 128), vocab 152128 (152064 + <image>, <video>, padded to 64 by the conversion script).
-#   3699 visual tokens = a 768x768 image: base 729 = (384 / 14)^2 + a 2x2 grid of 384-px crops (54 x 54 = 2916) + 54
-#   newline slots. A video costs 196 tokens per frame (27 x 27 pooled to 14 x 14) + 1: 32 frames = 6273.
-# - qwen2.5-vl-7b (Qwen/Qwen2.5-VL-7B-Instruct): 28 layers, d 3584, MLP 18944, 28 heads / 4 KV heads of 128, vocab
-#   152064 (its module printout: embed_tokens 152064 x 3584, k_proj 3584 -> 512). 1296 visual tokens = a 1008x1008
-#   image: (1008 / 14)^2 patches merged 2x2.
-# - qwen3-vl-8b (Qwen/Qwen3-VL-8B-Instruct): Qwen3-8B text model, 36 layers, d 4096, MLP 12288, 32 heads / 8 KV heads
-#   of 128, vocab 151936 (torchtitan's Qwen3-VL 8B flavour mirrors the config). 1024 visual tokens = a 1024x1024
-#   image: (1024 / 16)^2 patches merged 2x2.
-BUILTIN_SHAPES = {
-    "llava-1.5-7b": LMShape("llava-1.5-7b", 32, 4096, 11008, 32, 32, 128, 32064),  # Vicuna-7B
-    "llava-1.5-13b": LMShape("llava-1.5-13b", 40, 5120, 13824, 40, 40, 128, 32064),  # Vicuna-13B
-    "llava-next-vicuna-7b": LMShape("llava-next-vicuna-7b", 32, 4096, 11008, 32, 32, 128, 32064, 2928, "llava_next"),
-    "llava-next-mistral-7b": LMShape("llava-next-mistral-7b", 32, 4096, 14336, 32, 8, 128, 32064, 2928, "llava_next"),
-    "llava-onevision-7b": LMShape("llava-onevision-7b", 28, 3584, 18944, 28, 4, 128, 152128, 3699, "llava_onevision"),
-    "qwen2.5-vl-7b": LMShape("qwen2.5-vl-7b", 28, 3584, 18944, 28, 4, 128, 152064, 1296, "qwen2_5_vl"),
-    "qwen3-vl-8b": LMShape("qwen3-vl-8b", 36, 4096, 12288, 32, 8, 128, 151936, 1024, "qwen3_vl"),
-}
-
-
-def _shape_from_config(config, name: str) -> LMShape:
-    text = getattr(config, "text_config", None) or config
-    visual = getattr(config, "image_seq_length", None)
-    vision = getattr(config, "vision_config", None)
-    if visual is None and getattr(vision, "image_size", None) and getattr(vision, "patch_size", None):
-        visual = (vision.image_size // vision.patch_size) ** 2  # one crop; anyres / dynamic: pass visual_tokens
-    heads = text.num_attention_heads
-    return LMShape(name=name, layers=text.num_hidden_layers, hidden=text.hidden_size,
-                   intermediate=text.intermediate_size, heads=heads,
-                   kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-                   head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, vocab=text.vocab_size,
-                   visual_tokens=int(visual or 0), family=getattr(config, "model_type", None) or "llava")
-
-
-def _load_config(path: str):
-    from transformers import AutoConfig  # noqa: PLC0415
-
-    return AutoConfig.from_pretrained(os.path.dirname(path) or "." if os.path.isfile(path) else path)
-
-
-def model_shape(model) -> LMShape:
-    """Resolves a built-in name, a checkpoint directory / config.json, a (Llava)Config or a model to an LMShape.
-
-    Args:
-        model: "llava-1.5-7b" / "llava-1.5-13b", a local path, a transformers config, a model, or an LMShape.
-
-    Returns:
-        The LMShape (visual tokens per image from config.image_seq_length).
-    """
-    if isinstance(model, LMShape):
-        return model
-    if isinstance(model, str):
-        if model in BUILTIN_SHAPES:
-            return BUILTIN_SHAPES[model]
-        if os.path.exists(model):
-            return _shape_from_config(_load_config(model), os.path.basename(os.path.normpath(model)))
-        raise ValueError(f"model: unknown model {model!r}; built-in names: {', '.join(BUILTIN_SHAPES)} "
-                         "(or give a local checkpoint directory or config.json)")
-    config = model.config if isinstance(model, torch.nn.Module) else model
-    return _shape_from_config(config, getattr(config, "name_or_path", "") or type(model).__name__)
-
-
-def kept_from_ratio(n_visual: int, ratio: float) -> int:
-    """Visual tokens apply_compression keeps at `ratio` (fraction removed): floor((1 - ratio) * n + 0.5)."""
-    return min(n_visual, int(math.floor((1.0 - ratio) * n_visual + 0.5)))
-
-
-def tokens_per_layer(shape: LMShape, n_tokens: int, n_visual: int, layer: int, kept_visual: int) -> list[int]:
-    """Sequence length each decoder layer processes at prefill: n for layers < layer, n - n_visual + kept after."""
-    if not (0 <= n_visual <= n_tokens):
-        raise ValueError(f"n_visual must be in [0, n_tokens={n_tokens}], got {n_visual}")
-    if not (0 <= kept_visual <= n_visual):
-        raise ValueError(f"kept_visual (keep) must be in [0, n_visual={n_visual}], got {kept_visual}")
-    if not (0 <= layer <= shape.layers):
-        raise ValueError(f"layer must be in [0, {shape.layers}] ({shape.name} has {shape.layers} layers), got {layer}")
-    return [n_tokens] * layer + [n_tokens - n_visual + kept_visual] * (shape.layers - layer)
-
-
-def layer_flops(shape: LMShape, n: int, formula: str = "fastv") -> int:
-    """Prefill FLOPs of one decoder layer over n tokens, by `formula` ("fastv" / "exact"; see prefill_flops)."""
-    d, m = shape.hidden, shape.intermediate
-    if formula == "fastv":
-        return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
-    if formula == "exact":
-        kv_dim = shape.kv_heads * shape.head_dim
-        projections = 2 * (2 * n * d * shape.heads * shape.head_dim) + 2 * (2 * n * d * kv_dim)  # q, o; k, v
-        attention = 2 * (2 * n * n * shape.heads * shape.head_dim)  # q.k^T and p.v, full square
-        return projections + attention + 3 * (2 * n * d * m)  # SwiGLU: gate, up, down
-    raise ValueError(f"formula must be 'fastv' or 'exact', got {formula!r}")
-
-
-def prefill_flops(shape: LMShape, n_tokens_per_layer: Sequence[int], formula: str = "fastv",
-                  logits_positions: int = 0) -> int:
-    """Prefill FLOPs of the language model (one sample), summed over layers.
-
-    "fastv": FastV's per-layer count 4nd^2 + 2n^2d + 2ndm, the paper's formula. It counts full multi-head
-    attention (four d x d projections), a 2-matrix MLP and one FLOP per multiply-add, so for LLaVA-1.5 it is
-    ~2.5x below "exact"; reductions in % agree within a point.
-    "exact": a Llama layer with SwiGLU and grouped-query attention, 2 FLOPs per multiply-add: q and o
-    projections 2nd(heads * head_dim) each (= 2nd^2), k and v 2nd(kv_heads * head_dim) each, scores and
-    weighted sum 2n^2(heads * head_dim) each (the full square, as prefill kernels compute it; a causal kernel
-    skips about half), MLP 3 x 2ndm. Norms, RoPE, softmax and the vision tower are not counted.
-
-    Args:
-        shape: the language model. formula: "fastv" or "exact".
-        n_tokens_per_layer: sequence length of each decoder layer (see tokens_per_layer), one entry per layer.
-        logits_positions: positions that go through the lm_head (2 d vocab each): 1 at inference, 0 to omit.
-
-    Returns:
-        FLOPs as an int.
-    """
-    if len(n_tokens_per_layer) != shape.layers:
-        raise ValueError(f"n_tokens_per_layer must have {shape.layers} entries (one per layer of {shape.name}), "
-                         f"got {len(n_tokens_per_layer)}")
-    total = sum(layer_flops(shape, int(n), formula) for n in n_tokens_per_layer)
-    return total + 2 * logits_positions * shape.hidden * shape.vocab
-
-
-def kv_cache_bytes(shape: LMShape, n_tokens: int, n_visual: int, layer: int, kept_visual: int, dtype_bytes: int,
-                   batch: int = 1) -> int:
-    """Bytes of the prefill KV cache: 2 (K, V) * batch * kv_heads * head_dim * dtype_bytes * sum of layer lengths.
-
-    Layers < layer hold n_tokens, layers >= layer hold n_tokens - n_visual + kept_visual (equal to the
-    DynamicCache that a model patched with epic_ext.models.apply_compression builds, for equal-length prompts).
-
-    Args:
-        shape: the language model. n_tokens: prompt length per sample, visual tokens included.
-        n_visual: visual tokens per sample; kept_visual of them survive at `layer`.
-        layer: the compression layer K, in [0, layers] (layers: no compression).
-        dtype_bytes: bytes per cache element (2 for bf16). batch: samples.
-
-    Returns:
-        Bytes as an int.
-    """
-    lengths = tokens_per_layer(shape, n_tokens, n_visual, layer, kept_visual)
-    return 2 * batch * shape.kv_heads * shape.head_dim * dtype_bytes * sum(lengths)
-
-
-def cache_bytes(cache) -> int:
-    """Bytes held by the keys and values of a transformers DynamicCache."""
-    from .models import _hf  # noqa: PLC0415
-
-    tensors = [t for pair in _hf.cache_layer_tensors(cache) for t in pair if t is not None]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def report(model="llava-1.5-7b", keeps: Sequence[int] | None = None, layer: int = 2, text_tokens: int = 64,
-           batch: int = 1, dtype: str = "bf16", method: str = "fastv", visual_tokens: int | None = None) -> list[dict]:
-    """Theoretical prefill FLOPs and KV cache for several kept-token settings.
-
-    Args:
-        model: anything model_shape accepts.
-        keeps: visual tokens kept per setting; default all, 1/3, 2/9, 1/9 (576/192/128/64 for LLaVA-1.5).
-        visual_tokens: visual tokens per sample (all its images and frames); default the shape's visual_tokens.
-        layer: compression layer K. text_tokens: prompt tokens besides the image. batch: samples.
-        dtype: "fp32" / "fp16" / "bf16", the KV-cache element type.
-        method: the compressor (sets the lowest allowed K; its scoring cost is not counted).
-
-    Returns:
-        One dict per setting: keep, tokens (prompt length before / after K), fastv_tflops, exact_tflops
-        (with the lm_head for the last position), their reduction in % vs keeping every visual token, kv_mb
-        (1e6 bytes) and kv_reduction_pct.
-    """
-    from .compress import get_compressor  # noqa: PLC0415
-
-    shape = model_shape(model)
-    if visual_tokens is not None:
-        if isinstance(visual_tokens, bool) or not isinstance(visual_tokens, int) or visual_tokens < 1:
-            raise ValueError(f"visual_tokens must be an int >= 1 (visual tokens per sample), got {visual_tokens!r}")
-        shape = dataclasses.replace(shape, visual_tokens=visual_tokens)
-    n_visual = shape.visual_tokens
-    if n_visual < 1:
-        raise ValueError(f"visual_tokens: {shape.name} has no fixed visual-token count (anyres or dynamic "
-                         "resolution); give the count per sample")
-    keeps = list([n_visual, n_visual // 3, 2 * n_visual // 9, n_visual // 9] if keeps is None else keeps)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if text_tokens < 0 or batch < 1:
-        raise ValueError(f"text_tokens must be >= 0 and batch >= 1, got text_tokens={text_tokens}, batch={batch}")
-    for keep in keeps:
-        if not (isinstance(keep, int) and 0 <= keep <= n_visual):
-            raise ValueError(f"keep must be in [0, {n_visual}] (visual tokens per sample of {shape.name}), "
-                             f"got {keep!r}")
-    low = get_compressor(method).min_layer
-    if not isinstance(layer, int) or not (low <= layer < shape.layers):
-        raise ValueError(f"layer must be in [{low}, {shape.layers - 1}] for method {method!r} on {shape.name} "
-                         f"({shape.layers} decoder layers), got {layer!r}")
-    n = text_tokens + n_visual
-    dtype_bytes = torch.empty((), dtype=DTYPES[dtype]).element_size()
-
-    def costs(keep):
-        lengths = tokens_per_layer(shape, n, n_visual, layer, keep)
-        return (batch * prefill_flops(shape, lengths, "fastv"), batch * prefill_flops(shape, lengths, "exact", 1),
-                kv_cache_bytes(shape, n, n_visual, layer, keep, dtype_bytes, batch))
-
-    base = costs(n_visual)
-    rows = []
-    for keep in keeps:
-        fastv, exact, kv = costs(keep)
-        rows.append(dict(model=shape.name, method=method, layer=layer, keep=keep, tokens=n,
-                         tokens_after=n - n_visual + keep, fastv_tflops=fastv / 1e12, exact_tflops=exact / 1e12,
-                         fastv_reduction_pct=100 * (1 - fastv / base[0]),
-                         exact_reduction_pct=100 * (1 - exact / base[1]),
-                         kv_bytes=kv, kv_mb=kv / 1e6, kv_reduction_pct=100 * (1 - kv / base[2])))
-    return rows
 
 
 # ------------------------------------------------------------------------------------------------ measurement --
@@ -277,8 +43,8 @@ def llava_config(model="llava-1.5-7b", *, layers: int | None = None, tiny: bool 
         from .models.tiny import tiny_llava_config  # noqa: PLC0415
 
         config = tiny_llava_config(text_layers=layers or 4, image_size=336, patch_size=14, max_positions=4096)
-    elif isinstance(model, str) and model not in BUILTIN_SHAPES and os.path.exists(model):
-        config = _load_config(model)
+    elif isinstance(model, str) and model not in builtin_shapes() and os.path.exists(model):
+        config = load_config(model)
     else:
         shape = model_shape(model)
         vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
@@ -330,6 +96,14 @@ def build_random_llava(config, dtype: str = "bf16", device: str = "cpu"):
     with torch.device(device):
         model = LlavaForConditionalGeneration._from_config(config, dtype=DTYPES[dtype])
     return model.eval()
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by the keys and values of a transformers DynamicCache."""
+    from .models import _hf  # noqa: PLC0415
+
+    tensors = [t for pair in _hf.cache_layer_tensors(cache) for t in pair if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def measure_latency(model, keep: int, *, layer: int = 2, method: str = "fastv", text_tokens: int = 64,
@@ -410,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
     from .cli import HelpFormatter, Parser  # noqa: PLC0415
 
     p = Parser(prog="python -m epic_ext.efficiency", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    p.add_argument("--model", default="llava-1.5-7b", help=f"{' | '.join(BUILTIN_SHAPES)} | checkpoint dir")
+    p.add_argument("--model", default="llava-1.5-7b", help=f"{' | '.join(builtin_shapes())} | checkpoint dir")
     p.add_argument("--layer", type=int, default=2, help="compression layer K")
     p.add_argument("--keep", type=int, nargs="+", help="visual tokens kept (default 576 192 128 64)")
     p.add_argument("--method", default="fastv", help="compressor for --measure (fastv, dart, random)")

@@ -20,14 +20,15 @@ from collections.abc import Sequence
 
 import torch
 
-from . import efficiency
+from . import cost
 from .cli import (HelpFormatter, Parser, UsageError, check_skipped, describe_skips, load_model_config,
                   load_records_option, run_main)
 from .compress import available as available_methods
 from .compress import get_compressor
 from .models import apply_compression
-from .models.families import TRAINABLE, family_of, load_model
-from .train.data import IMAGE_PLACEHOLDER, image_names
+from .data.records import IMAGE_PLACEHOLDER, image_names
+from .models.adapter import adapter_for
+from .models.families import FAMILIES, TRAINABLE, Family, family_of
 
 _logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def load_items(records: Sequence[dict], image_folder: str | os.PathLike) -> list
 
 def _prompt_inputs(processor, chunk: list[dict]) -> dict:
     """The generation inputs of a chunk of items: LLaVA-1.5's USER/ASSISTANT prompt through its processor, or the
-    chat template of a chat-template family (epic_ext.train.chat_data.ChatProcessor); left padded."""
+    chat template of a chat-template family (epic_ext.data.chat.ChatProcessor); left padded."""
     from PIL import Image  # noqa: PLC0415
 
     images = [[Image.open(p).convert("RGB") for p in item["images"]] for item in chunk]
@@ -126,8 +127,6 @@ def _prompt_inputs(processor, chunk: list[dict]) -> dict:
 def _generate(model, processor, items: list[dict], batch_size: int, max_new_tokens: int, device
               ) -> tuple[list[str], list[int]]:
     """(answers, visual tokens of each item's prompt)."""
-    from .models.engine import adapter_for  # noqa: PLC0415
-
     visual_ids = torch.tensor(adapter_for(model).visual_token_ids(model.config))
     tokenizer = processor.tokenizer
     old_side = tokenizer.padding_side
@@ -160,20 +159,21 @@ def evaluate(model, processor, items: list[dict], settings: Sequence[dict], *, b
         settings: dicts with "method" and "keep" (visual tokens kept: per image for LLaVA-1.5, where the model's
             count means no compression; per sample for the dynamic-resolution families; None = no compression),
             and optionally "layer" (default 2).
-        processor: LLaVA-1.5's processor, or a ChatProcessor (epic_ext.train.chat_data) for Qwen2.5-VL / Qwen3-VL /
+        processor: LLaVA-1.5's processor, or a ChatProcessor (epic_ext.data.chat) for Qwen2.5-VL / Qwen3-VL /
             LLaVA-OneVision.
         seed: seeds the generator of random compression, so every model sees the same drop pattern.
 
     Returns:
         Per setting: method, layer, keep, n, accuracy (%), per-family accuracy, and the efficiency figures of
-        efficiency.report for this model's shape (prefill TFLOPs by the FastV formula and exactly, KV MB).
+        cost.report for this model's shape (prefill TFLOPs by the FastV formula and exactly, KV MB).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"evaluate: batch_size must be an int >= 1, got {batch_size!r}")
     device = device or next(model.parameters()).device
     model.eval()
-    shape = efficiency.model_shape(model)
-    fixed = shape.visual_tokens if shape.family == "llava" else None  # dynamic resolution: counted per item
+    shape = cost.model_shape(model)
+    # a per-image budget has a fixed count; dynamic resolution is counted per item
+    fixed = shape.visual_tokens if family_of(model, FAMILIES).per_image_budget else None
     for setting in settings:
         keep = setting.get("keep")
         if keep is not None and fixed is not None and not 0 <= keep <= fixed:
@@ -202,14 +202,14 @@ def evaluate(model, processor, items: list[dict], settings: Sequence[dict], *, b
             families.setdefault(item["family"], []).append(ok)
         kept = shape.visual_tokens if full else min(int(keep), shape.visual_tokens)
         # without compression the layer is irrelevant: any valid one gives the uncompressed cost
-        cost = efficiency.report(shape, keeps=[kept], layer=0 if full else layer, text_tokens=32,
-                                 dtype="fp32" if model.dtype == torch.float32 else "bf16",
-                                 method="random" if full else method)[0]
+        cost_row = cost.report(shape, keeps=[kept], layer=0 if full else layer, text_tokens=32,
+                               dtype="fp32" if model.dtype == torch.float32 else "bf16",
+                               method="random" if full else method)[0]
         rows.append({"method": "none" if full else method, "layer": None if full else layer, "keep": kept,
                      "n": len(items), "accuracy": 100.0 * sum(correct) / max(len(correct), 1),
                      "families": {k: 100.0 * sum(v) / len(v) for k, v in sorted(families.items())},
-                     "prefill_tflops_fastv": cost["fastv_tflops"], "prefill_tflops_exact": cost["exact_tflops"],
-                     "kv_mb": cost["kv_mb"], "predictions": predictions})
+                     "prefill_tflops_fastv": cost_row["fastv_tflops"],
+                     "prefill_tflops_exact": cost_row["exact_tflops"], "kv_mb": cost_row["kv_mb"], "predictions": predictions})
     return rows
 
 
@@ -267,17 +267,17 @@ def _check_args(args, config) -> list[int]:
     if unknown:
         raise UsageError(f"--method must be among {available_methods()}, got {unknown}")
     family = family_of(config)
-    if family.chat_template:  # dynamic resolution: no fixed count, keep is per sample over all its visual tokens
+    visual = family.visual_tokens_per_image(config)
+    if visual is None:  # dynamic resolution: no fixed count, keep is per sample over all its visual tokens
         if not args.keep:
             raise UsageError(f"--keep is required for a {family.name} model (its visual tokens per sample vary with "
                              "the image sizes): give the visual tokens kept per sample")
-        keeps, visual = args.keep, None
+        keeps = args.keep
         bad = [k for k in keeps if k < 1]
         if bad:
             raise UsageError(f"--keep values must be >= 1, got {bad}")
     else:
-        visual = config.image_seq_length
-        keeps = args.keep or [visual, visual // 3, 2 * visual // 9, visual // 9]
+        keeps = args.keep or default_keeps(family, config)
         bad = [k for k in keeps if not 1 <= k <= visual]
         if bad:
             raise UsageError(f"--keep must be in [1, {visual}] (the model's visual tokens per image), got {bad}")
@@ -295,16 +295,34 @@ def _check_args(args, config) -> list[int]:
     return keeps
 
 
-def load_processor(path: str, family):
-    """LLaVA-1.5: its AutoProcessor; chat-template families: a ChatProcessor (tokenizer + chat template + image
-    processor)."""
-    if family.chat_template:
-        from .train.chat_data import ChatProcessor  # noqa: PLC0415
+METHODS = ("fastv", "dart", "random")
 
-        return ChatProcessor.from_pretrained(path)
-    from transformers import AutoProcessor  # noqa: PLC0415
 
-    return AutoProcessor.from_pretrained(path)
+def compression_settings(family: Family, config, keeps: Sequence[int], *, layer: int,
+                         methods: Sequence[str] = METHODS, baseline: bool = True) -> list[dict]:
+    """The settings `evaluate` runs: the uncompressed model first (unless `baseline` is False), then every method at
+    every kept count that compresses (for a per-image budget, counts below the model's visual tokens per image)."""
+    visual = family.visual_tokens_per_image(config)
+    settings = [{"method": "none", "keep": None, "layer": layer}] if baseline else []
+    settings += [{"method": method, "keep": keep, "layer": layer} for keep in keeps
+                 if visual is None or keep < visual for method in methods]
+    return settings
+
+
+# kept shares of a per-image budget `python -m epic_ext.eval` reports by default: 576 -> 576, 192, 128, 64
+EVAL_FRACTIONS = ((1, 1), (1, 3), (2, 9), (1, 9))
+
+
+def default_keeps(family: Family, config, fractions: Sequence[tuple[int, int]] = EVAL_FRACTIONS) -> list[int]:
+    """Kept counts at `fractions` (numerator, denominator) of a per-image budget, rounded down.
+
+    Raises:
+        ValueError: a family without a fixed count per image (its kept counts must be given).
+    """
+    visual = family.visual_tokens_per_image(config)
+    if visual is None:
+        raise ValueError(f"keep: {family.name} models have no fixed visual-token count; give the counts kept")
+    return [visual * numerator // denominator for numerator, denominator in fractions]
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -320,12 +338,13 @@ def _main(argv: Sequence[str] | None) -> int:
                   what="evaluation records")
     if args.limit is not None:
         items = items[: args.limit]
-    model = load_model(args.model, family_of(config), efficiency.DTYPES[args.dtype])
+    family = family_of(config)
+    model = family.load_model(args.model, cost.DTYPES[args.dtype])
     model.to(args.device)
-    processor = load_processor(args.model, family_of(config))
-    settings = [{"method": m, "keep": k, "layer": args.layer} for m in args.method for k in keeps]
-    if family_of(config).chat_template:  # the uncompressed row first (LLaVA-1.5: the default keeps start with it)
-        settings.insert(0, {"method": "none", "keep": None, "layer": args.layer})
+    processor = family.load_processor(args.model)
+    visual = family.visual_tokens_per_image(config)  # LLaVA-1.5: the uncompressed row when a keep asks for it
+    settings = compression_settings(family, config, keeps, layer=args.layer, methods=args.method,
+                                    baseline=visual is None or any(k >= visual for k in keeps))
     rows = evaluate(model, processor, items, settings, batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed)
     if sum(skipped.values()):

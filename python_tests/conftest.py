@@ -1,4 +1,5 @@
-"""Shared fixtures: the device list (CUDA cases are collected everywhere and skipped, visibly, without a GPU).
+"""Shared fixtures and settings. Test helpers (assets, references, strategies, the device list) are in helpers/;
+no test imports another test module or this file.
 
 With EPIC_EXT_CUDA_EMU=<path of libepic_ext_cuda_emu.so> (set by `make cuda-emu`, tools/cuda_emu/emu.py), every
 device-parametrised test also gets an "emu" case: CPU tensors, but the ops run their CUDA kernels on the CPU
@@ -9,14 +10,13 @@ emulator reports during such a case fails it, even where the test caught the exc
 from __future__ import annotations
 
 import os
-import pathlib
-import sys
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
 import epic_ext
+from helpers.devices import cuda_emu
 
 # Property-based op tests (test_fuzz_*.py): `make test` runs the derandomized "ci" profile (fixed examples, bounded
 # count); `make fuzz` runs "fuzz" (random, many examples; failures are saved in .hypothesis/ and replayed first).
@@ -26,27 +26,6 @@ settings.register_profile("ci", derandomize=True, max_examples=250, deadline=Non
 settings.register_profile("fuzz", max_examples=2500, deadline=None, print_blob=True,
                           suppress_health_check=_FUZZ_HEALTH)
 settings.load_profile(os.environ.get("EPIC_EXT_HYPOTHESIS_PROFILE", "ci"))
-
-HAS_CUDA = torch.cuda.is_available() and epic_ext.extension_available() and epic_ext.build_info()["cuda_built"]
-NO_CUDA_REASON = (
-    "no CUDA device (or epic_ext built without CUDA kernels): CUDA case not run"
-    if not HAS_CUDA
-    else ""
-)
-
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)]),
-]
-
-cuda_emu = None
-if os.environ.get("EPIC_EXT_CUDA_EMU"):
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools" / "cuda_emu"))
-    import torch_emu as cuda_emu  # noqa: E402
-
-    cuda_emu.load(os.environ["EPIC_EXT_CUDA_EMU"])
-    DEVICES.append(pytest.param("cpu", id="emu", marks=pytest.mark.cuda_emu))
-
 
 def pytest_report_header(config):
     info = epic_ext.build_info()

@@ -28,5 +28,5 @@ echo "cuda-link-check: built after $(( $(date +%s) - start )) s"
 (cd "$LINK_DIR" && "$VPY" -c "import epic_ext; info = epic_ext.build_info(); print(info); \
 assert info['extension'] and info['cuda_built'], info")
 (cd "$LINK_DIR" && "$VPY" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" -c "$ROOT/pyproject.toml" \
-  "$ROOT"/python_tests/test_ops_*.py)
+  "$ROOT"/python_tests/ops/test_ops_*.py)
 echo "cuda-link-check: done in $(( $(date +%s) - start )) s"

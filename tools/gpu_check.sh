@@ -13,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 WHEELS=${GPU_WHEELS:-build/gpu-wheels}
-OPS_TESTS=(python_tests/test_ops_*.py)
+OPS_TESTS=(python_tests/ops/test_ops_*.py)
 # racecheck and synccheck slow every kernel down a lot: the 152k-vocabulary case is left to memcheck.
 SANITIZE_SELECT=${SANITIZE_SELECT:-"not large_vocab"}
 start=$(date +%s)

@@ -1,6 +1,6 @@
 """Compile every csrc/cuda/*.cu with `nvcc -c` against the installed torch's headers.
 
-Used by `make cuda-check` and by python_tests/test_cuda_sources_compile.py, so that CUDA code that does not
+Used by `make cuda-check` and by python_tests/tools/test_cuda_sources_compile.py, so that CUDA code that does not
 compile fails CI even on machines with no GPU and a CPU-only torch (which still ships the CUDA headers of ATen
 and c10). Objects go to a temporary directory and are thrown away; nothing is linked.
 

@@ -27,14 +27,14 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMPAT_DIR = ROOT / "build" / "compat"
 # Everything that imports transformers: the model patch, efficiency, the distillation loss, training, evaluation.
-DEFAULT_TESTS = ["python_tests/test_models_llava.py", "python_tests/test_models_llava_next.py",
-                 "python_tests/test_models_llava_onevision.py", "python_tests/test_models_qwen_vl.py",
-                 "python_tests/test_efficiency.py",
-                 "python_tests/test_distill.py", "python_tests/test_train_data.py",
-                 "python_tests/test_train_config.py", "python_tests/test_train_loop.py",
-                 "python_tests/test_train_chat_data.py", "python_tests/test_train_loop_chat.py",
-                 "python_tests/test_train_onevision_data.py", "python_tests/test_train_loop_onevision.py",
-                 "python_tests/test_eval_cli.py"]
+DEFAULT_TESTS = ["python_tests/models/test_models_llava.py", "python_tests/models/test_models_llava_next.py",
+                 "python_tests/models/test_models_llava_onevision.py", "python_tests/models/test_models_qwen_vl.py",
+                 "python_tests/eval/test_cost.py",
+                 "python_tests/train/test_distill.py", "python_tests/data/test_data_llava.py",
+                 "python_tests/train/test_train_config.py", "python_tests/train/test_train_loop.py",
+                 "python_tests/data/test_data_chat.py", "python_tests/train/test_train_loop_chat.py",
+                 "python_tests/data/test_data_onevision.py", "python_tests/train/test_train_loop_onevision.py",
+                 "python_tests/eval/test_eval_cli.py"]
 
 
 def lowest_version() -> str:

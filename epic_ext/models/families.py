@@ -1,15 +1,67 @@
-"""Model families `python -m epic_ext.train` / `epic_ext.eval` load by name: which transformers class a checkpoint's
-config.json (`model_type`) maps to, how its prompts are built, and how its parameters split into vision tower,
-projector and language model (the learning-rate / freezing groups of training).
+"""Model families: everything epic_ext knows about one kind of checkpoint, in one object. The trainer, the evaluator,
+the cost model, the demo and the tests ask a `Family`; nothing else branches on a `model_type`.
 
-Loading uses top-level `transformers` classes only (no internals).
+A family knows its transformers classes and config `model_type`, the adapter module that plugs it into the pruning
+engine, how its processor and training samples are built, its token-budget rule (a fixed count per image, or a
+per-sample count for anyres / dynamic-resolution families), whether it takes video records, its built-in
+language-model shapes (for the analytic cost model) and its tiny test configuration.
+
+Loading uses top-level `transformers` classes only (internals are in _hf.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
+
+
+@dataclass(frozen=True)
+class LMShape:
+    """The dimensions of a Llama-style language model that FLOPs and KV bytes depend on (epic_ext.cost)."""
+
+    name: str
+    layers: int
+    hidden: int  # d
+    intermediate: int  # m (SwiGLU width)
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    visual_tokens: int = 576  # per sample: one image (LLaVA-1.5), or a typical anyres / dynamic count (see below)
+    family: str = "llava"  # the transformers model_type of the multimodal model
+
+
+def _llava_processor(family: Family, path: str):
+    from transformers import AutoProcessor  # noqa: PLC0415
+
+    return AutoProcessor.from_pretrained(path)
+
+
+def _chat_processor(family: Family, path: str):
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    from ..data.chat import ChatProcessor  # noqa: PLC0415
+    from . import _hf  # noqa: PLC0415
+
+    config = AutoConfig.from_pretrained(path) if family.anyres_layout else None
+    return ChatProcessor.from_pretrained(path, image_processor=_hf.image_processor_from_pretrained(path),
+                                         videos=family.videos, onevision_config=config)
+
+
+def _llava_dataset(records, image_folder, processor, **kwargs):
+    from ..data.llava import LlavaDataset  # noqa: PLC0415
+
+    return LlavaDataset(records, image_folder, processor, **kwargs)
+
+
+def _chat_dataset(records, image_folder, processor, **kwargs):
+    from ..data.chat import ChatDataset  # noqa: PLC0415
+
+    return ChatDataset(records, image_folder, processor, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -20,28 +72,125 @@ class Family:
         name: the family's name in messages ("llava", "qwen2_5_vl", ...).
         model_type: config.json's `model_type`.
         model_class: the transformers *ForConditionalGeneration class name.
-        chat_template: prompts come from the checkpoint's chat template (False: LLaVA-1.5's own
-            ``USER: ... ASSISTANT:`` format and its LlavaProcessor).
+        adapter: the module of epic_ext.models that registers its FamilyAdapter.
+        processor_factory: (family, checkpoint path) -> the processor training and evaluation build inputs with.
+        dataset_factory: (records, image_folder, processor, **options) -> the training dataset; None: the family
+            cannot be trained yet.
+        per_image_budget: True: every image gives config.image_seq_length visual tokens, so `keep` can default to
+            fractions of it (LLaVA-1.5); False: anyres / dynamic resolution, the count varies per sample and a
+            `keep` is per sample over all its visual tokens.
         videos: training and evaluation take records with a ``video`` (frame list).
+        uniform_video_frames: a batch holds videos of one frame count only (LLaVA-OneVision).
+        anyres_layout: its processor needs the model config's anyres layout (LLaVA-OneVision).
+        shapes: built-in language-model shapes of released checkpoints (epic_ext.cost, `python -m
+            epic_ext.efficiency --model NAME`).
+        tiny: the builder in epic_ext.models.tiny of a tiny random model of the family (tests, CPU smoke runs).
     """
 
     name: str
     model_type: str
     model_class: str
-    chat_template: bool
+    adapter: str
+    processor_factory: Callable
+    dataset_factory: Callable | None
+    per_image_budget: bool
+    tiny: str
     videos: bool = False
+    uniform_video_frames: bool = False
+    anyres_layout: bool = False
+    shapes: tuple[LMShape, ...] = field(default=())
+
+    @property
+    def trainable(self) -> bool:
+        return self.dataset_factory is not None
+
+    def load_model(self, path: str, dtype: torch.dtype, **kwargs):
+        """`<model_class>.from_pretrained(path, dtype=dtype, **kwargs)`."""
+        import transformers  # noqa: PLC0415
+
+        return getattr(transformers, self.model_class).from_pretrained(path, dtype=dtype, **kwargs)
+
+    def load_processor(self, path: str):
+        """The processor of the checkpoint at `path` (LlavaProcessor, or a ChatProcessor for chat-template
+        families)."""
+        return self.processor_factory(self, path)
+
+    def dataset(self, records, image_folder, processor, **kwargs):
+        """The family's training dataset (epic_ext.data.llava.LlavaDataset or epic_ext.data.chat.ChatDataset).
+
+        Raises:
+            ValueError: a family that cannot be trained yet.
+        """
+        if self.dataset_factory is None:
+            raise ValueError(f"{self.name} models cannot be trained yet; trainable families: "
+                             f"{describe(TRAINABLE)}")
+        return self.dataset_factory(records, image_folder, processor, **kwargs)
+
+    def visual_tokens_per_image(self, config) -> int | None:
+        """Visual tokens one image gives (config.image_seq_length) for a per-image budget; None for families whose
+        count varies with the image size."""
+        return config.image_seq_length if self.per_image_budget else None
+
+    def build_tiny(self, **kwargs):
+        """A tiny random model of the family (epic_ext.models.tiny)."""
+        from . import tiny  # noqa: PLC0415
+
+        return getattr(tiny, f"build_tiny_{self.tiny}")(**kwargs)
+
+    def tiny_config(self, **kwargs):
+        """The tiny model's transformers config (epic_ext.models.tiny)."""
+        from . import tiny  # noqa: PLC0415
+
+        return getattr(tiny, f"tiny_{self.tiny}_config")(**kwargs)
 
 
-LLAVA = Family("llava", "llava", "LlavaForConditionalGeneration", chat_template=False)
-QWEN2_5_VL = Family("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", chat_template=True,
-                    videos=True)
-QWEN3_VL = Family("qwen3_vl", "qwen3_vl", "Qwen3VLForConditionalGeneration", chat_template=True)
+# The language models' dimensions, from the released checkpoints' config.json (transformers ports):
+# - llava-1.5-7b / -13b: Vicuna-7B / -13B, vocab 32064 (32000 + <image> + padding to 64). 576 = (336 / 14)^2.
+# - llava-next-vicuna-7b (llava-hf/llava-v1.6-vicuna-7b-hf): Vicuna-7B as above. llava-next-mistral-7b
+#   (llava-hf/llava-v1.6-mistral-7b-hf): Mistral-7B-Instruct-v0.2, 14336 MLP, 8 KV heads, vocab 32064. 2928 visual
+#   tokens = a 672x672 image: base crop 576 + a 2x2 grid of 336-px crops (48 x 48 = 2304) + 48 newline slots (the
+#   image feature size vLLM's configs use for these checkpoints).
+# - llava-onevision-7b (llava-hf/llava-onevision-qwen2-7b-ov-hf): Qwen2-7B-Instruct (28 layers, d 3584, MLP 18944,
+#   28 heads / 4 KV heads of 128), vocab 152128 (152064 + <image>, <video>, padded to 64 by the conversion script).
+#   3699 visual tokens = a 768x768 image: base 729 = (384 / 14)^2 + a 2x2 grid of 384-px crops (54 x 54 = 2916) + 54
+#   newline slots. A video costs 196 tokens per frame (27 x 27 pooled to 14 x 14) + 1: 32 frames = 6273.
+# - qwen2.5-vl-7b (Qwen/Qwen2.5-VL-7B-Instruct): 28 layers, d 3584, MLP 18944, 28 heads / 4 KV heads of 128, vocab
+#   152064 (its module printout: embed_tokens 152064 x 3584, k_proj 3584 -> 512). 1296 visual tokens = a 1008x1008
+#   image: (1008 / 14)^2 patches merged 2x2.
+# - qwen3-vl-8b (Qwen/Qwen3-VL-8B-Instruct): Qwen3-8B text model, 36 layers, d 4096, MLP 12288, 32 heads / 8 KV heads
+#   of 128, vocab 151936 (torchtitan's Qwen3-VL 8B flavour mirrors the config). 1024 visual tokens = a 1024x1024
+#   image: (1024 / 16)^2 patches merged 2x2.
+LLAVA = Family("llava", "llava", "LlavaForConditionalGeneration", adapter="llava",
+               processor_factory=_llava_processor, dataset_factory=_llava_dataset, per_image_budget=True, tiny="llava",
+               shapes=(LMShape("llava-1.5-7b", 32, 4096, 11008, 32, 32, 128, 32064),  # Vicuna-7B
+                       LMShape("llava-1.5-13b", 40, 5120, 13824, 40, 40, 128, 32064)))  # Vicuna-13B
+LLAVA_NEXT = Family("llava_next", "llava_next", "LlavaNextForConditionalGeneration", adapter="llava_next",
+                    processor_factory=_llava_processor, dataset_factory=None, per_image_budget=False,
+                    tiny="llava_next",
+                    shapes=(LMShape("llava-next-vicuna-7b", 32, 4096, 11008, 32, 32, 128, 32064, 2928, "llava_next"),
+                            LMShape("llava-next-mistral-7b", 32, 4096, 14336, 32, 8, 128, 32064, 2928,
+                                    "llava_next")))
 LLAVA_ONEVISION = Family("llava_onevision", "llava_onevision", "LlavaOnevisionForConditionalGeneration",
-                         chat_template=True, videos=True)
+                         adapter="llava_onevision", processor_factory=_chat_processor, dataset_factory=_chat_dataset,
+                         per_image_budget=False, tiny="llava_onevision", videos=True, uniform_video_frames=True,
+                         anyres_layout=True,
+                         shapes=(LMShape("llava-onevision-7b", 28, 3584, 18944, 28, 4, 128, 152128, 3699,
+                                         "llava_onevision"),))
+QWEN2_5_VL = Family("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", adapter="qwen_vl",
+                    processor_factory=_chat_processor, dataset_factory=_chat_dataset, per_image_budget=False,
+                    tiny="qwen2_5_vl", videos=True,
+                    shapes=(LMShape("qwen2.5-vl-7b", 28, 3584, 18944, 28, 4, 128, 152064, 1296, "qwen2_5_vl"),))
+# Qwen3-VL video records need per-frame timestamp prompts, not written yet: videos=False.
+QWEN3_VL = Family("qwen3_vl", "qwen3_vl", "Qwen3VLForConditionalGeneration", adapter="qwen_vl",
+                  processor_factory=_chat_processor, dataset_factory=_chat_dataset, per_image_budget=False,
+                  tiny="qwen3_vl",
+                  shapes=(LMShape("qwen3-vl-8b", 36, 4096, 12288, 32, 8, 128, 151936, 1024, "qwen3_vl"),))
 
 # model_type -> Family, in the order messages list them
-TRAINABLE: dict[str, Family] = {family.model_type: family
-                                for family in (LLAVA, QWEN2_5_VL, QWEN3_VL, LLAVA_ONEVISION)}
+FAMILIES: dict[str, Family] = {family.model_type: family
+                               for family in (LLAVA, QWEN2_5_VL, QWEN3_VL, LLAVA_ONEVISION, LLAVA_NEXT)}
+# the families `python -m epic_ext.train` and `python -m epic_ext.eval` load
+TRAINABLE: dict[str, Family] = {key: family for key, family in FAMILIES.items() if family.trainable}
 
 
 def describe(families: dict[str, Family] = TRAINABLE) -> str:
@@ -50,11 +199,12 @@ def describe(families: dict[str, Family] = TRAINABLE) -> str:
 
 
 def family_of(config, families: dict[str, Family] = TRAINABLE) -> Family:
-    """The family of a transformers config (its `model_type`).
+    """The family of a transformers config (its `model_type`), or of a model (its config).
 
     Raises:
         ValueError: an unsupported model type; the message lists the supported families.
     """
+    config = getattr(config, "config", config) if isinstance(config, torch.nn.Module) else config
     model_type = getattr(config, "model_type", None)
     if model_type not in families:
         raise ValueError(f"a {model_type!r} model is not supported; supported families (model_type): "
@@ -62,11 +212,32 @@ def family_of(config, families: dict[str, Family] = TRAINABLE) -> Family:
     return families[model_type]
 
 
+def family_of_checkpoint(path: str, families: dict[str, Family] = TRAINABLE) -> Family:
+    """The family of a checkpoint directory (its config.json's model_type, read as JSON: no transformers config
+    class is built) or of a Hub id (AutoConfig)."""
+    config_file = os.path.join(path, "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as handle:
+            model_type = json.load(handle).get("model_type")
+        return family_of(type("Config", (), {"model_type": model_type}), families)
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    return family_of(AutoConfig.from_pretrained(path), families)
+
+
 def load_model(path: str, family: Family, dtype: torch.dtype):
     """`<family.model_class>.from_pretrained(path, dtype=dtype)`."""
-    import transformers  # noqa: PLC0415
+    return family.load_model(path, dtype)
 
-    return getattr(transformers, family.model_class).from_pretrained(path, dtype=dtype)
+
+def load_processor(path: str, family: Family | None = None):
+    """The processor of a checkpoint directory for its family (worked out from config.json when not given)."""
+    return (family or family_of_checkpoint(path)).load_processor(path)
+
+
+def builtin_shapes() -> dict[str, LMShape]:
+    """Every family's built-in language-model shapes, by name."""
+    return {shape.name: shape for family in FAMILIES.values() for shape in family.shapes}
 
 
 def _unique(modules: list[torch.nn.Module | None]) -> list[torch.nn.Parameter]:

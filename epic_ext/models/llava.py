@@ -1,6 +1,6 @@
 """LLaVA-1.5 adapter: LlavaForConditionalGeneration / LlavaModel (transformers 5.x).
 
-The smallest complete FamilyAdapter (see engine.py for the interface and for how the engine hooks in):
+The smallest complete FamilyAdapter (see adapter.py for the interface and engine.py for how the engine hooks in):
 - the pre-hooked module is the LlavaModel (`model.model`, or the model itself when a LlavaModel is given): it sees
   `input_ids` before the image features are merged into `inputs_embeds`;
 - the patched language model is its `language_model` (a LlamaModel for llava-1.5 checkpoints);
@@ -11,9 +11,8 @@ The smallest complete FamilyAdapter (see engine.py for the interface and for how
 
 from __future__ import annotations
 
-import torch
 
-from .engine import FamilyAdapter, register_adapter
+from .adapter import FamilyAdapter, register_adapter
 
 
 def image_token_id(config) -> int | None:

@@ -14,7 +14,7 @@ Mistral, Qwen2, ... for the released checkpoints) is patched, positions are 1-D.
 
 from __future__ import annotations
 
-from .engine import register_adapter
+from .adapter import register_adapter
 from .llava import LlavaAdapter
 
 

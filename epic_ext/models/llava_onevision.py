@@ -14,7 +14,7 @@ Same plumbing as LLaVA-1.5 (llava.py): the LlavaOnevisionModel is pre-hooked for
 
 from __future__ import annotations
 
-from .engine import register_adapter
+from .adapter import register_adapter
 from .llava import LlavaAdapter, image_token_id
 
 

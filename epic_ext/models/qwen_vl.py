@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from . import _hf
-from .engine import CallExtras, FamilyAdapter, register_adapter
+from .adapter import CallExtras, FamilyAdapter, register_adapter
 
 
 class _QwenAdapter(FamilyAdapter):

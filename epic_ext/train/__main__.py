@@ -1,8 +1,8 @@
-"""`python -m epic_ext.train`: EPIC training of a LLaVA model with DeepSpeed (see --help).
+"""`python -m epic_ext.train`: EPIC training of a supported multimodal model with DeepSpeed (see --help).
 
-`--demo` is the embedded default (epic_ext.train.demo): the pretrained tiny LLaVA committed in the package, its
-accuracy at full and compressed visual tokens on the generated shapes task, a short EPIC TCD run from it through
-exactly the path a real run takes (from_pretrained, the LLaVA-format JSON, DeepSpeed), and the same table after.
+Preflight checks every setting and resolves the run before DeepSpeed starts and the weights load; the loop trains,
+checkpoints and exports; with --eval-data the export is evaluated (epic_ext.eval) at the end. The demo is
+`python -m epic_ext.demo`.
 """
 
 from __future__ import annotations
@@ -14,36 +14,30 @@ import time
 from ..cli import describe_skips, run_main
 from .config import TrainConfig, parse_args
 
+# --eval-keep's default for a per-image budget: all, 1/2, 1/4 and 1/8 of the visual tokens
+POST_RUN_FRACTIONS = ((1, 1), (1, 2), (1, 4), (1, 8))
+
 
 def run_eval(cfg: TrainConfig, model_dir: str) -> list[dict]:
+    """Exact-match evaluation of the exported model on --eval-data (the same skip policy as training)."""
     import torch  # noqa: PLC0415
 
     from ..cli import check_skipped, load_records_option  # noqa: PLC0415
-    from ..eval import collect_items, evaluate, format_rows, load_processor  # noqa: PLC0415
-    from ..models.families import family_of, load_model  # noqa: PLC0415
+    from ..eval import collect_items, compression_settings, default_keeps, evaluate, format_rows  # noqa: PLC0415
+    from ..models.families import family_of_checkpoint  # noqa: PLC0415
 
-    # the same skip policy as training: bad records are skipped and counted, too many of them stop the run
     records = load_records_option(cfg.eval_data, "--eval-data")
     items, skipped = collect_items(records, cfg.image_folder, on_bad_image=cfg.on_bad_image)
     check_skipped(skipped, len(records), cfg.max_skip_fraction, image_folder=cfg.image_folder,
                   what="evaluation records")
-    from transformers import AutoConfig  # noqa: PLC0415
-
-    family = family_of(AutoConfig.from_pretrained(model_dir))
-    model = load_model(model_dir, family, torch.float32)
+    family = family_of_checkpoint(model_dir)
+    model = family.load_model(model_dir, torch.float32)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    processor = load_processor(model_dir, family)
-    if family.chat_template:  # per-sample budgets (preflight made --eval-keep required)
-        settings = [{"method": "none", "keep": None, "layer": cfg.layer}]
-        settings += [{"method": m, "keep": k, "layer": cfg.layer} for k in cfg.eval_keep
-                     for m in ("fastv", "dart", "random")]
-    else:
-        visual = model.config.image_seq_length
-        keeps = cfg.eval_keep or [visual, visual // 2, visual // 4, visual // 8]
-        settings = [{"method": "fastv", "keep": visual, "layer": cfg.layer}]
-        settings += [{"method": m, "keep": k, "layer": cfg.layer} for k in keeps if k < visual
-                     for m in ("fastv", "dart", "random")]
+    processor = family.load_processor(model_dir)
+    # per-sample budgets: preflight made --eval-keep required
+    keeps = cfg.eval_keep or default_keeps(family, model.config, POST_RUN_FRACTIONS)
+    settings = compression_settings(family, model.config, keeps, layer=cfg.layer)
     rows = evaluate(model, processor, items, settings, batch_size=32, max_new_tokens=3, device=device,
                     seed=cfg.seed)
     print(f"\nexact-match accuracy on {cfg.eval_data} ({len(items)} items), compression at layer {cfg.layer}:")
@@ -59,17 +53,13 @@ def _main(argv: list[str] | None) -> int:
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg = parse_args(argv)
-    if cfg.demo:
-        from .demo import run_demo  # noqa: PLC0415
-
-        return run_demo(cfg)
     from .preflight import preflight  # noqa: PLC0415
 
-    checked = preflight(cfg)  # paths, model config, layers, records, resume: before DeepSpeed and the weights
+    run = preflight(cfg)  # paths, model config, layers, records, resume: before DeepSpeed and the weights
     from .loop import train  # noqa: PLC0415
 
     started = time.perf_counter()
-    summary = train(cfg, checked.records)
+    summary = train(run)
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         last = summary["last"]

@@ -106,7 +106,7 @@ def check_resume(cfg: TrainConfig, world_size: int, zero_stage: int) -> None:
     if saved["config"] is None:
         _logger.warning("--resume: %s records no settings; they are not compared", where)
         return
-    current = json.loads(cfg.with_resolved_distillation().to_json())  # train_config.json holds resolved values
+    current = json.loads(cfg.to_json())  # the run's resolved settings (Run.cfg), as train_config.json holds them
     defaults = asdict(TrainConfig())
     differences = [f"{_option(key)} {current.get(key, defaults.get(key))!r} "
                    f"(checkpoint: {saved['config'].get(key, defaults.get(key))!r})"

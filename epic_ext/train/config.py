@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 from dataclasses import asdict, dataclass, field
@@ -19,12 +18,10 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 class TrainConfig:
     """Everything one run needs; saved as output_dir/train_config.json."""
 
-    model: str | None = None  # checkpoint directory of a supported family (or None with demo)
+    model: str | None = None  # checkpoint directory of a supported family
     data: str | None = None  # LLaVA-format JSON / JSONL
     image_folder: str = "."
     output_dir: str = "runs/epic"
-    demo: bool = False
-    demo_steps: int = 2000
     # compression and schedule
     method: str = "fastv"
     schedule: str = "tcd"
@@ -72,8 +69,8 @@ class TrainConfig:
     stop_after_steps: int = 0  # testing aid: exit (as if killed) after this many steps
 
     def validate(self) -> None:
-        if not self.demo and (self.model is None or self.data is None):
-            raise UsageError("--model and --data are required (or --demo)")
+        if self.model is None or self.data is None:
+            raise UsageError("--model and --data are required (the demo is `python -m epic_ext.demo`)")
         if self.method not in available_methods():
             raise UsageError(f"--method must be one of {available_methods()}, got {self.method!r}")
         if self.schedule not in SCHEDULES:
@@ -84,7 +81,7 @@ class TrainConfig:
             raise UsageError(f"--on-bad-image must be 'skip' or 'error', got {self.on_bad_image!r}")
         if self.padding_side not in ("left", "right"):
             raise UsageError(f"--padding-side must be 'left' or 'right', got {self.padding_side!r}")
-        for name in ("micro_batch_size", "grad_accum", "log_steps", "max_length", "demo_steps"):
+        for name in ("micro_batch_size", "grad_accum", "log_steps", "max_length"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("save_steps", "keep_checkpoints", "max_steps", "layer", "min_layer", "weight_decay",
@@ -122,12 +119,6 @@ class TrainConfig:
 
     def resolved_tau(self, constants: ResolvedConstants) -> float:
         return constants.tau if self.tau is None else self.tau
-
-    def with_resolved_distillation(self) -> TrainConfig:
-        """A copy with --lam / --tau filled from the schedule preset when not given (what the run uses, records
-        and compares on resume)."""
-        constants = resolve_constants(self.schedule_constants, self.method)
-        return dataclasses.replace(self, lam=self.resolved_lam(constants), tau=self.resolved_tau(constants))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -172,9 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="EPIC training: TCD / LCD self-distillation of a LLaVA-1.5 / Qwen-VL model with "
                                             "DeepSpeed. Paths, the model's config and every setting are checked "
                                             "before DeepSpeed starts.")
-    p.add_argument("--demo", action="store_true", help="run the embedded demo (pretrained tiny LLaVA, shapes QA, EPIC)")
-    p.add_argument("--demo-steps", type=int, default=defaults.demo_steps,
-                   help="steps of the demo's EPIC (TCD) run from the pretrained checkpoint")
     p.add_argument("--model", help="checkpoint directory: llava-hf LLaVA-1.5, Qwen2.5-VL, Qwen3-VL or "
                                    "LLaVA-OneVision (model + processor; the family comes from config.json's "
                                    "model_type)")

@@ -12,7 +12,6 @@ step; resuming continues with exactly the batches, schedule draws and losses of 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -26,18 +25,22 @@ import numpy as np
 import torch
 
 from ..cli import UsageError, check_skipped, describe_skips
+from ..data.llava import collate
+from ..data.records import SKIP_REASONS
 from ..distill import DistillConfig, distillation_loss, shifted_targets, visual_mask
 from ..models import _hf, apply_compression
-from ..models.families import family_of, load_model, parameter_parts
-from ..schedules import ScheduleConfig, compression_at, resolve_constants
+from ..models.families import parameter_parts
+from ..schedules import compression_at
 from . import checkpoint
 from .config import TrainConfig, deepspeed_config
+from .run import Run
 
 _logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------- distributed --
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for MASTER_PORT)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -49,7 +52,7 @@ def init_distributed():
 
     if "RANK" not in os.environ:  # a plain `python -m epic_ext.train`: a world of one
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(free_port()))})
     use_cuda = torch.cuda.is_available()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
@@ -140,31 +143,11 @@ def _lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
     return factor
 
 
-def load_model_and_processor(cfg: TrainConfig):
-    """(model, processor, family) of cfg.model: the family's class; LlavaProcessor for LLaVA-1.5, a ChatProcessor
-    (tokenizer with the chat template + image processor) for the chat-template families."""
-    from transformers import AutoConfig, AutoProcessor  # noqa: PLC0415
-
-    family = family_of(AutoConfig.from_pretrained(cfg.model))
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    model = load_model(cfg.model, family, dtype)
-    if family.chat_template:
-        from .chat_data import ChatProcessor  # noqa: PLC0415
-
-        processor = ChatProcessor.from_pretrained(cfg.model, videos=family.videos)
-    else:
-        processor = AutoProcessor.from_pretrained(cfg.model)
-    return model, processor, family
-
-
-def build_dataset(records: list[dict], processor, family, cfg: TrainConfig):
-    """The training dataset of the family (LlavaDataset or ChatDataset)."""
-    from .chat_data import ChatDataset  # noqa: PLC0415
-    from .data import LlavaDataset  # noqa: PLC0415
-
-    dataset_class = ChatDataset if family.chat_template else LlavaDataset
-    return dataset_class(records, cfg.image_folder, processor, max_length=cfg.max_length,
-                         pad_to_square=cfg.pad_to_square, on_bad_image=cfg.on_bad_image)
+def build_dataset(run: Run, processor):
+    """The training dataset of the run's family (epic_ext.data: LlavaDataset or ChatDataset)."""
+    cfg = run.cfg
+    return run.family.dataset(list(run.records), cfg.image_folder, processor, max_length=cfg.max_length,
+                              pad_to_square=cfg.pad_to_square, on_bad_image=cfg.on_bad_image)
 
 
 def _peak_memory_mb(device) -> float:
@@ -203,8 +186,6 @@ def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
 
 def _skip_check(dataset, cfg: TrainConfig, device) -> None:
     """--max-skip-fraction over the samples every rank has built (the same decision on every rank)."""
-    from .data import SKIP_REASONS  # noqa: PLC0415
-
     counts = torch.tensor([float(dataset.skipped.get(r, 0)) for r in SKIP_REASONS] + [float(dataset.visited)],
                           device=device)
     counts = _all_reduce(counts).tolist()
@@ -212,22 +193,18 @@ def _skip_check(dataset, cfg: TrainConfig, device) -> None:
                   image_folder=cfg.image_folder, what="training samples")
 
 
-def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
-    """Runs the training described by cfg; returns a summary (last metrics, skipped samples, export path).
+def train(run: Run) -> dict:
+    """Runs the training; returns a summary (last metrics, skipped samples, export path).
 
     Args:
-        cfg: the run (checked by epic_ext.train.preflight first).
-        records: the records of cfg.data when already read (None: read them here).
+        run: the resolved run (epic_ext.train.preflight builds it).
 
     Raises:
         UsageError: more than cfg.max_skip_fraction of the samples seen were skipped (before the export).
     """
     import deepspeed  # noqa: PLC0415
 
-    from .data import collate, load_records  # noqa: PLC0415
-
-    constants = resolve_constants(cfg.schedule_constants, cfg.method)
-    cfg = cfg.with_resolved_distillation()
+    cfg, constants = run.cfg, run.constants
     rank, world, device = init_distributed()
     out_dir = pathlib.Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -238,23 +215,20 @@ def train(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    model, processor, family = load_model_and_processor(cfg)
+    model = run.family.load_model(cfg.model, torch.bfloat16 if cfg.bf16 else torch.float32)
+    processor = run.family.load_processor(cfg.model)
     if cfg.gradient_checkpointing:
         _hf.enable_activation_checkpointing(model, use_reentrant=False)
         model.config.use_cache = False
     groups = _param_groups(model, cfg)
     handle = apply_compression(model, cfg.method, layer=cfg.layer, ratio=cfg.ratio)
-    records = load_records(cfg.data) if records is None else records
-    dataset = build_dataset(records, processor, family, cfg)
+    dataset = build_dataset(run, processor)
     pad_id = processor.tokenizer.pad_token_id
     sampler = Sampler(len(dataset), rank, world, cfg.seed)
     per_step = cfg.micro_batch_size * cfg.grad_accum
     steps_per_epoch = max(len(dataset) // (per_step * world), 1)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(int(math.ceil(cfg.epochs * steps_per_epoch)), 1)
-    num_layers = model.config.text_config.num_hidden_layers
-    schedule = ScheduleConfig(kind=cfg.schedule, num_layers=num_layers, layer=cfg.layer,
-                              min_layer=min(cfg.min_layer, num_layers), target_ratio=cfg.ratio,
-                              teacher_ratio=cfg.teacher_ratio, seed=cfg.seed, **constants.schedule)
+    schedule = run.schedule()
     if rank == 0:
         _logger.info("schedule %s, TCD constants %s; distillation lam %g, tau %g", cfg.schedule,
                      constants.describe(), cfg.lam, cfg.tau)

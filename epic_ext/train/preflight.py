@@ -1,27 +1,19 @@
 """Checks of `python -m epic_ext.train` that run before DeepSpeed starts and the model loads: paths, the model's
 config.json, layers against the model's depth, the records (JSON, skipped-sample share), the DeepSpeed config and
-a resume's compatibility with its checkpoint. Each failure is a UsageError naming the option."""
+a resume's compatibility with its checkpoint. Each failure is a UsageError naming the option. What the checks
+resolve (constants, family, depth, world, records) becomes the run's frozen `Run` (run.py)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from ..cli import UsageError, check_skipped, load_model_config, load_records_option
 from ..compress import get_compressor
+from ..data.records import ImageLoadError, scan_records
 from ..models.families import TRAINABLE, family_of
 from .checkpoint import check_resume
 from .config import TrainConfig, deepspeed_config
-from .data import ImageLoadError, scan_records
-
-
-@dataclass
-class Checked:
-    """What the checks read and the run reuses."""
-
-    records: list[dict]
-    num_layers: int
-    world_size: int
+from .run import Run
 
 
 def check_layers(cfg: TrainConfig, num_layers: int) -> None:
@@ -35,24 +27,22 @@ def check_layers(cfg: TrainConfig, num_layers: int) -> None:
                          f"model ({num_layers} decoder layers), got {cfg.min_layer}")
 
 
-def check_schedule(cfg: TrainConfig, num_layers: int) -> None:
+def check_schedule(run: Run) -> None:
     """The schedule as the training loop will build it (e.g. ICD's stage layers must fit between --min-layer and
     the model's depth), so a bad combination stops here, not after DeepSpeed starts."""
-    from ..schedules import ScheduleConfig, icd_layers, resolve_constants  # noqa: PLC0415
+    from ..schedules import icd_layers  # noqa: PLC0415
 
     try:
-        constants = resolve_constants(cfg.schedule_constants, cfg.method)
-        schedule = ScheduleConfig(kind=cfg.schedule, num_layers=num_layers, layer=cfg.layer,
-                                  min_layer=min(cfg.min_layer, num_layers), target_ratio=cfg.ratio,
-                                  teacher_ratio=cfg.teacher_ratio, seed=cfg.seed, **constants.schedule)
-        if cfg.schedule == "icd":
+        schedule = run.schedule()
+        if run.cfg.schedule == "icd":
             icd_layers(schedule)
     except ValueError as error:
-        raise UsageError(f"--schedule {cfg.schedule} on this model ({num_layers} decoder layers): {error}") from error
+        raise UsageError(f"--schedule {run.cfg.schedule} on this model ({run.num_layers} decoder layers): "
+                         f"{error}") from error
 
 
-def preflight(cfg: TrainConfig) -> Checked:
-    """Runs every check that needs no model weights and no process group.
+def preflight(cfg: TrainConfig) -> Run:
+    """Runs every check that needs no model weights and no process group; returns the resolved run.
 
     Raises:
         UsageError: the first problem found, naming its option.
@@ -70,12 +60,11 @@ def preflight(cfg: TrainConfig) -> Checked:
     family = family_of(config)
     num_layers = config.text_config.num_hidden_layers
     check_layers(cfg, num_layers)
-    check_schedule(cfg, num_layers)
-    if family.chat_template and cfg.eval_data and not cfg.eval_keep:
+    visual = family.visual_tokens_per_image(config)
+    if visual is None and cfg.eval_data and not cfg.eval_keep:
         raise UsageError(f"--eval-keep is required with --eval-data for a {family.name} model (its visual tokens "
                          "per sample vary with the image sizes): give the visual tokens kept per sample")
-    if not family.chat_template:
-        visual = config.image_seq_length
+    if visual is not None:
         if any(keep > visual for keep in cfg.eval_keep):
             raise UsageError(f"--eval-keep values must be <= the model's {visual} visual tokens, got "
                              f"{cfg.eval_keep}")
@@ -85,8 +74,8 @@ def preflight(cfg: TrainConfig) -> Checked:
         raise UsageError(f"--data: record {video_record!r} has a video; training takes video records for "
                          f"{', '.join(f.name for f in TRAINABLE.values() if f.videos)} models, not {family.name}")
     frame_counts = {len(r["video"]) for r in records if r.get("video") and isinstance(r["video"], list)}
-    if family.model_type == "llava_onevision" and len(frame_counts) > 1:
-        raise UsageError(f"--data: LLaVA-OneVision batches videos of one frame count; the video records have "
+    if family.uniform_video_frames and len(frame_counts) > 1:
+        raise UsageError(f"--data: {family.name} batches videos of one frame count; the video records have "
                          f"{sorted(frame_counts)} frames: sample every video to the same number of frames")
     if cfg.eval_data:
         load_records_option(cfg.eval_data, "--eval-data")
@@ -98,8 +87,12 @@ def preflight(cfg: TrainConfig) -> Checked:
         raise UsageError(f"--on-bad-image error: {error}") from error
     check_skipped(skipped, len(records), cfg.max_skip_fraction, image_folder=cfg.image_folder,
                   what="training records")
+    zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    run = Run.resolve(cfg, family=family, num_layers=num_layers, world_size=world_size, zero_stage=zero_stage,
+                      records=records)
+    check_schedule(run)
     try:
-        check_resume(cfg, world_size, int(ds.get("zero_optimization", {}).get("stage", 0)))
+        check_resume(run.cfg, world_size, zero_stage)
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(str(error)) from error
-    return Checked(records=records, num_layers=num_layers, world_size=world_size)
+    return run

@@ -72,10 +72,10 @@ SMALLER_GRIDS = ("not (test_matches_reference_fp32 and not Hq14) and "
                  "not (test_low_precision_error_at_most_twice_plain_torch and not 1271)")
 CI_RUNS = [("release", "132sm-forward", None), ("release", "1sm-reverse", None),
            ("release", "8sm-random", SMALLER_GRIDS), ("asan", "4sm-random-asan", SMALLER_GRIDS)]
-OP_TESTS = ["python_tests/test_ops_temperature_kl.py", "python_tests/test_ops_attention_importance.py",
-            "python_tests/test_ops_select_tokens.py", "python_tests/test_ops_gather_tokens.py",
-            "python_tests/test_ops_alignment.py", "python_tests/test_ops_shared_memory_limits.py",
-            "python_tests/test_cuda_emu.py"]
+OP_TESTS = ["python_tests/ops/test_ops_temperature_kl.py", "python_tests/ops/test_ops_attention_importance.py",
+            "python_tests/ops/test_ops_select_tokens.py", "python_tests/ops/test_ops_gather_tokens.py",
+            "python_tests/ops/test_ops_alignment.py", "python_tests/ops/test_ops_shared_memory_limits.py",
+            "python_tests/tools/test_cuda_emu.py"]
 
 
 class BuildError(RuntimeError):

@@ -34,10 +34,10 @@ class Bug:
         return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
 
 
-KL_TESTS = "python_tests/test_ops_temperature_kl.py"
-ATTN_TESTS = "python_tests/test_ops_attention_importance.py"
-SELECT_TESTS = "python_tests/test_ops_select_tokens.py"
-GATHER_TESTS = "python_tests/test_ops_gather_tokens.py"
+KL_TESTS = "python_tests/ops/test_ops_temperature_kl.py"
+ATTN_TESTS = "python_tests/ops/test_ops_attention_importance.py"
+SELECT_TESTS = "python_tests/ops/test_ops_select_tokens.py"
+GATHER_TESTS = "python_tests/ops/test_ops_gather_tokens.py"
 
 BUGS = [
     Bug("removed __syncthreads (block merge reads other warps' states too early)", "temperature_kl.cu",
@@ -59,7 +59,7 @@ BUGS = [
         "gather_tokens.cu",
         "constexpr int64_t kMaxSharedDestinations = (48 * 1024 - kThreads / 32 * sizeof(int)) / sizeof(int);",
         "constexpr int64_t kMaxSharedDestinations = 48 * 1024 / sizeof(int);",
-        "python_tests/test_ops_shared_memory_limits.py", "test_gather_backward_counters"),
+        "python_tests/ops/test_ops_shared_memory_limits.py", "test_gather_backward_counters"),
     Bug("removed __syncwarp (the leader moves the cursor before its peers read it)", "gather_tokens.cu",
         "      __syncwarp();  // every peer has read the cursor before the leader moves it\n", "",
         GATHER_TESTS, "test_repeated_indices_accumulate or test_gradcheck"),
@@ -72,7 +72,7 @@ BUGS = [
     Bug("dropped alignment check (16-byte loads of a misaligned row)", "temperature_kl.cu",
         "bool is_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }",
         "bool is_aligned16(const void*) { return true; }",
-        "python_tests/test_ops_alignment.py", "test_temperature_kl_misaligned_base"),
+        "python_tests/ops/test_ops_alignment.py", "test_temperature_kl_misaligned_base"),
 ]
 
 PLANTED_DIR = emu.BUILD_DIR / "planted"
