@@ -40,6 +40,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def configure_logging() -> None:
+    """Logging of a training CLI: INFO on rank 0, WARNING on the other ranks, DeepSpeed's and torch's chatter at
+    WARNING."""
+    import logging  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Runs a CLI's main; a UsageError becomes `error: <message>` on stderr (one line) and exit status 2."""
     try:

@@ -300,12 +300,12 @@ METHODS = ("fastv", "dart", "random")
 
 def compression_settings(family: Family, config, keeps: Sequence[int], *, layer: int,
                          methods: Sequence[str] = METHODS, baseline: bool = True) -> list[dict]:
-    """The settings `evaluate` runs: the uncompressed model first (unless `baseline` is False), then every method at
+    """The settings `evaluate` runs: the uncompressed model first (unless `baseline` is False), then each method at
     every kept count that compresses (for a per-image budget, counts below the model's visual tokens per image)."""
     visual = family.visual_tokens_per_image(config)
     settings = [{"method": "none", "keep": None, "layer": layer}] if baseline else []
-    settings += [{"method": method, "keep": keep, "layer": layer} for keep in keeps
-                 if visual is None or keep < visual for method in methods]
+    settings += [{"method": method, "keep": keep, "layer": layer} for method in methods for keep in keeps
+                 if visual is None or keep < visual]
     return settings
 
 

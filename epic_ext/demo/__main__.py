@@ -3,11 +3,10 @@ checked before the data is written and anything heavy starts; a user error is on
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 
-from ..cli import HelpFormatter, Parser, UsageError, run_main
+from ..cli import configure_logging, HelpFormatter, Parser, UsageError, run_main
 from ..compress import available as available_methods
 from ..schedules import SCHEDULES
 
@@ -28,10 +27,7 @@ def build_parser() -> Parser:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging()
     options = build_parser().parse_args(argv)
     if options.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {options.steps}")

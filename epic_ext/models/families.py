@@ -69,7 +69,8 @@ class Family:
     """One supported checkpoint family.
 
     Attributes:
-        name: the family's name in messages ("llava", "qwen2_5_vl", ...).
+        name: the family's short name in messages ("llava", "qwen2_5_vl", ...).
+        title: its name in prose ("LLaVA-1.5", "Qwen2.5-VL", ...).
         model_type: config.json's `model_type`.
         model_class: the transformers *ForConditionalGeneration class name.
         adapter: the module of epic_ext.models that registers its FamilyAdapter.
@@ -88,6 +89,7 @@ class Family:
     """
 
     name: str
+    title: str
     model_type: str
     model_class: str
     adapter: str
@@ -160,28 +162,28 @@ class Family:
 # - qwen3-vl-8b (Qwen/Qwen3-VL-8B-Instruct): Qwen3-8B text model, 36 layers, d 4096, MLP 12288, 32 heads / 8 KV heads
 #   of 128, vocab 151936 (torchtitan's Qwen3-VL 8B flavour mirrors the config). 1024 visual tokens = a 1024x1024
 #   image: (1024 / 16)^2 patches merged 2x2.
-LLAVA = Family("llava", "llava", "LlavaForConditionalGeneration", adapter="llava",
+LLAVA = Family("llava", "LLaVA-1.5", "llava", "LlavaForConditionalGeneration", adapter="llava",
                processor_factory=_llava_processor, dataset_factory=_llava_dataset, per_image_budget=True, tiny="llava",
                shapes=(LMShape("llava-1.5-7b", 32, 4096, 11008, 32, 32, 128, 32064),  # Vicuna-7B
                        LMShape("llava-1.5-13b", 40, 5120, 13824, 40, 40, 128, 32064)))  # Vicuna-13B
-LLAVA_NEXT = Family("llava_next", "llava_next", "LlavaNextForConditionalGeneration", adapter="llava_next",
-                    processor_factory=_llava_processor, dataset_factory=None, per_image_budget=False,
+LLAVA_NEXT = Family("llava_next", "LLaVA-NeXT", "llava_next", "LlavaNextForConditionalGeneration",
+                    adapter="llava_next", processor_factory=_llava_processor, dataset_factory=None, per_image_budget=False,
                     tiny="llava_next",
                     shapes=(LMShape("llava-next-vicuna-7b", 32, 4096, 11008, 32, 32, 128, 32064, 2928, "llava_next"),
                             LMShape("llava-next-mistral-7b", 32, 4096, 14336, 32, 8, 128, 32064, 2928,
                                     "llava_next")))
-LLAVA_ONEVISION = Family("llava_onevision", "llava_onevision", "LlavaOnevisionForConditionalGeneration",
-                         adapter="llava_onevision", processor_factory=_chat_processor, dataset_factory=_chat_dataset,
+LLAVA_ONEVISION = Family("llava_onevision", "LLaVA-OneVision", "llava_onevision",
+                         "LlavaOnevisionForConditionalGeneration", adapter="llava_onevision", processor_factory=_chat_processor, dataset_factory=_chat_dataset,
                          per_image_budget=False, tiny="llava_onevision", videos=True, uniform_video_frames=True,
                          anyres_layout=True,
                          shapes=(LMShape("llava-onevision-7b", 28, 3584, 18944, 28, 4, 128, 152128, 3699,
                                          "llava_onevision"),))
-QWEN2_5_VL = Family("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", adapter="qwen_vl",
-                    processor_factory=_chat_processor, dataset_factory=_chat_dataset, per_image_budget=False,
+QWEN2_5_VL = Family("qwen2_5_vl", "Qwen2.5-VL", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
+                    adapter="qwen_vl", processor_factory=_chat_processor, dataset_factory=_chat_dataset, per_image_budget=False,
                     tiny="qwen2_5_vl", videos=True,
                     shapes=(LMShape("qwen2.5-vl-7b", 28, 3584, 18944, 28, 4, 128, 152064, 1296, "qwen2_5_vl"),))
 # Qwen3-VL video records need per-frame timestamp prompts, not written yet: videos=False.
-QWEN3_VL = Family("qwen3_vl", "qwen3_vl", "Qwen3VLForConditionalGeneration", adapter="qwen_vl",
+QWEN3_VL = Family("qwen3_vl", "Qwen3-VL", "qwen3_vl", "Qwen3VLForConditionalGeneration", adapter="qwen_vl",
                   processor_factory=_chat_processor, dataset_factory=_chat_dataset, per_image_budget=False,
                   tiny="qwen3_vl",
                   shapes=(LMShape("qwen3-vl-8b", 36, 4096, 12288, 32, 8, 128, 151936, 1024, "qwen3_vl"),))

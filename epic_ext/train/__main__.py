@@ -7,11 +7,10 @@ checkpoints and exports; with --eval-data the export is evaluated (epic_ext.eval
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 
-from ..cli import describe_skips, run_main
+from ..cli import configure_logging, describe_skips, run_main
 from .config import TrainConfig, parse_args
 
 # --eval-keep's default for a per-image budget: all, 1/2, 1/4 and 1/8 of the visual tokens
@@ -48,10 +47,7 @@ def run_eval(cfg: TrainConfig, model_dir: str) -> list[dict]:
 
 
 def _main(argv: list[str] | None) -> int:
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging()
     cfg = parse_args(argv)
     from .preflight import preflight  # noqa: PLC0415
 

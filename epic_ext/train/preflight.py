@@ -75,7 +75,7 @@ def preflight(cfg: TrainConfig) -> Run:
                          f"{', '.join(f.name for f in TRAINABLE.values() if f.videos)} models, not {family.name}")
     frame_counts = {len(r["video"]) for r in records if r.get("video") and isinstance(r["video"], list)}
     if family.uniform_video_frames and len(frame_counts) > 1:
-        raise UsageError(f"--data: {family.name} batches videos of one frame count; the video records have "
+        raise UsageError(f"--data: {family.title} batches videos of one frame count; the video records have "
                          f"{sorted(frame_counts)} frames: sample every video to the same number of frames")
     if cfg.eval_data:
         load_records_option(cfg.eval_data, "--eval-data")
