@@ -40,9 +40,11 @@ VARIANT_FLAGS = {
     # it; a GPU does not).
     "asan": ["-O1", "-g", "-fsanitize=address,alignment", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
     # Memory-traffic counters (tools/cuda_emu/PERF.md): ThreadSanitizer's instrumentation reports every load and
-    # store to the runtime's callbacks. Nothing may merge or widen the kernels' accesses on the way: no
-    # auto-vectorisation, no store merging. -g names the source line of each instruction in the report.
-    "perf": ["-O2", "-g", "-DCUDA_EMU_PERF", "-fno-tree-vectorize", "-fno-tree-slp-vectorize", "-fno-store-merging"],
+    # store to the runtime's callbacks. Nothing may merge, widen or split the kernels' accesses on the way: no
+    # auto-vectorisation, no store merging, and no scalar replacement of aggregates (which would turn one float4
+    # access, one 16-byte instruction on a GPU, into four strided 4-byte ones). -g names each instruction's line.
+    "perf": ["-O2", "-g", "-DCUDA_EMU_PERF", "-fno-tree-vectorize", "-fno-tree-slp-vectorize", "-fno-store-merging",
+             "-fno-tree-sra", "-fno-ipa-sra"],
 }
 # Only the kernels' units are instrumented; the runtime that counts is not.
 INSTRUMENT_FLAGS = {"perf": ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0",

@@ -1431,6 +1431,11 @@ using cuda_emu::detail::Access;
 }  // namespace
 
 extern "C" {
+__attribute__((visibility("default"))) void cuda_emu_perf_access(const void* address, unsigned size, int store,
+                                                                  const void* pc) {
+  cuda_emu::detail::perf_access(address, size, store ? Access::kStore : Access::kLoad,
+                                reinterpret_cast<uintptr_t>(pc));
+}
 __attribute__((visibility("default"))) void __tsan_init(void) {}
 __attribute__((visibility("default"))) void __tsan_func_entry(void*) {}
 __attribute__((visibility("default"))) void __tsan_func_exit(void) {}

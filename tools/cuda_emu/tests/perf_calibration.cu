@@ -23,6 +23,11 @@ __global__ void copy_float4_kernel(const float4* in, float4* out) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   out[i] = in[i];
 }
+// The kernels' own vector path: __ldg / __stcs of a 16-byte type.
+__global__ void copy_uint4_intrinsic_kernel(const uint4* in, uint4* out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  __stcs(out + i, __ldg(in + i));
+}
 template <int kStride>
 __global__ void strided_load_kernel(const float* in, float* out) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -110,6 +115,10 @@ int perf_calibration() {
        [&] { copy_float_kernel<<<blocks, kThreads>>>(in, out); }, {4, 1, 4, 1, 0, 0}},
       {"float4 copy: 16 sectors per request, 100%",
        [&] { copy_float4_kernel<<<blocks, kThreads>>>(reinterpret_cast<float4*>(in), reinterpret_cast<float4*>(out)); },
+       {16, 1, 16, 1, 0, 0}},
+      {"uint4 copy through __ldg / __stcs: 16 sectors per request, 100%",
+       [&] { copy_uint4_intrinsic_kernel<<<blocks, kThreads>>>(reinterpret_cast<uint4*>(in),
+                                                               reinterpret_cast<uint4*>(out)); },
        {16, 1, 16, 1, 0, 0}},
       {"stride-2 float load: 8 sectors per request, 50%",
        [&] { strided_load_kernel<2><<<blocks, kThreads>>>(in, out); }, {8, 0.5, 4, 1, 0, 0}},

@@ -253,11 +253,36 @@ inline unsigned __match_any_sync(unsigned mask, T value, cuda_emu::Site site = c
 }
 
 // ---- memory: cached / streaming loads and stores, atomics, fences ------------------------------------------------
+#if defined(CUDA_EMU_PERF)
+extern "C" void cuda_emu_perf_access(const void* address, unsigned size, int store, const void* pc);
+namespace cuda_emu::detail {
+// A GPU moves a vector (float4, uint4) in one access; the host compiler splits the copy into its fields, which
+// the instrumentation would count as four strided requests. These report the whole vector once, as one
+// instruction of the caller (they are not inlined: the return address is the call site).
+template <typename T>
+CUDA_EMU_NOT_COUNTED __attribute__((noinline)) T counted_load(const T* p) {
+  cuda_emu_perf_access(p, sizeof(T), 0, __builtin_return_address(0));
+  T v;
+  std::memcpy(static_cast<void*>(&v), p, sizeof(T));
+  return v;
+}
+template <typename T>
+CUDA_EMU_NOT_COUNTED __attribute__((noinline)) void counted_store(T* p, const T& value) {
+  cuda_emu_perf_access(p, sizeof(T), 1, __builtin_return_address(0));
+  std::memcpy(static_cast<void*>(p), &value, sizeof(T));
+}
+}  // namespace cuda_emu::detail
+#define CUDA_EMU_LOAD_VALUE(p) ::cuda_emu::detail::counted_load(p)
+#define CUDA_EMU_STORE_VALUE(p, value) ::cuda_emu::detail::counted_store(p, value)
+#else
+#define CUDA_EMU_LOAD_VALUE(p) (*(p))
+#define CUDA_EMU_STORE_VALUE(p, value) (*(p) = (value))
+#endif
 #define CUDA_EMU_LOAD(name)                                                                \
   template <typename T>                                                                    \
   inline T name(const T* p, cuda_emu::Site site = cuda_emu::Site::current()) {             \
     cuda_emu::detail::check_aligned(p, site);                                              \
-    return *p;                                                                             \
+    return CUDA_EMU_LOAD_VALUE(p);                                                         \
   }
 CUDA_EMU_LOAD(__ldg)
 CUDA_EMU_LOAD(__ldcg)
@@ -270,7 +295,7 @@ CUDA_EMU_LOAD(__ldcv)
   template <typename T>                                                                    \
   inline void name(T* p, T value, cuda_emu::Site site = cuda_emu::Site::current()) {       \
     cuda_emu::detail::check_aligned(p, site);                                              \
-    *p = value;                                                                            \
+    CUDA_EMU_STORE_VALUE(p, value);                                                        \
   }
 CUDA_EMU_STORE(__stcg)
 CUDA_EMU_STORE(__stcs)
