@@ -225,6 +225,8 @@ def summarize(result: dict) -> dict:
     total_sectors = sum(l["load_sectors"] + l["store_sectors"] + l["atomic_sectors"] for l in result["launches"])
     for launch in result["launches"]:
         name = launch["kernel"].split("<")[0]
+        if name == "kernel":  # launched through a variable: name the launch site instead
+            name = f"kernel@{launch['file'].rsplit('/', 1)[-1]}:{launch['line']}"
         k = kernels.setdefault(name, collections.Counter())
         for key in ("load_requests", "load_sectors", "load_bytes", "store_requests", "store_sectors", "store_bytes",
                     "atomic_requests", "atomic_sectors", "atomic_bytes", "shared_requests", "shared_wavefronts",

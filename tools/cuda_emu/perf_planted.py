@@ -63,7 +63,7 @@ BUGS = [
     if (pre_max == 1234.5f) row_loss[row] = 0.0f;  // keeps the pass
     kl::KlState<float> st = kl::kl_state_empty<float>();
     int c = threadIdx.x;"""),),
-            "temperature_kl LLaVA-1.5-7B [16, 32000] bfloat16 ", "the op's minimum"),
+            "temperature_kl LLaVA-1.5-7B [16, 32000] bfloat16 +grad", "bytes moved"),
 ]
 
 
