@@ -82,20 +82,26 @@ def cases() -> list[Case]:
     ops = torch.ops.epic_ext
     out: list[Case] = []
 
-    def kl(m: dict, dtype: torch.dtype, grad: bool) -> Case:
+    def kl(m: dict, dtype: torch.dtype, grad: bool, teacher_dtype: torch.dtype | None = None) -> Case:
+        # teacher_dtype: a teacher in another dtype than the student (the kernel then steps by 16 bytes of the
+        # wider one, the narrower reading 8 bytes per lane).
         n, v = KL_ROWS, m["vocab"]
+        teacher_dtype = teacher_dtype or dtype
         es = torch.tensor([], dtype=dtype).element_size()
+        et = torch.tensor([], dtype=teacher_dtype).element_size()
 
         def run():
             g = torch.Generator().manual_seed(0)
             student = (torch.randn(n, v, generator=g) * 3).to(dtype)
-            teacher = (torch.randn(n, v, generator=g) * 3).to(dtype)
+            teacher = (torch.randn(n, v, generator=g) * 3).to(teacher_dtype)
             return (lambda: ops.temperature_kl(student, teacher, None, 2.0, 4.0, grad),
                     _nbytes(student, teacher) + n * 4 + (n * v * es if grad else 0))
 
         dt = str(dtype).removeprefix("torch.")
+        if teacher_dtype != dtype:
+            dt += "/" + str(teacher_dtype).removeprefix("torch.")
         return Case("temperature_kl", m["model"], f"[{n}, {v}] {dt}{' +grad' if grad else ''}", run,
-                    structural=(lambda: 2 * 2 * n * v * es + n * 4 + n * v * es) if grad else None,
+                    structural=(lambda: 2 * n * v * (es + et) + n * 4 + n * v * es) if grad else None,
                     reason="the gradient of an element needs the row's softmax sums, known only after a full read: "
                            "the gradient sweep reads the row a second time (sized to come from L2, which the model "
                            "does not see)" if grad else "")
@@ -166,7 +172,8 @@ def cases() -> list[Case]:
 
     for m in (LLAVA, QWEN):
         out += [kl(m, torch.bfloat16, True), kl(m, torch.bfloat16, False), kl(m, torch.float32, True),
-                kl_backward(m, torch.bfloat16), attention(m), select(m)]
+                kl(m, torch.float32, True, torch.bfloat16), kl_backward(m, torch.bfloat16),
+                kl_backward(m, torch.float32), attention(m), select(m)]
         out += [gather(m, kv, bw) for kv in (False, True) for bw in (False, True)]
     return out
 

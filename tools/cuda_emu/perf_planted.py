@@ -35,18 +35,18 @@ BUGS = [
     PerfBug("uncoalesced (transposed) chunk index in temperature_kl's backward", "temperature_kl.cu",
             (("""    for (int c = threadIdx.x; c < num_chunks; c += kBackwardThreads) {
       float v[kChunk];
-      Chunk<T>::template load<true>(in_row + c * kChunk, v);
+      Chunk<T, kChunk>::template load<true>(in_row + c * kChunk, v);
 #pragma unroll
       for (int j = 0; j < kChunk; ++j) v[j] *= factor;
-      Chunk<T>::store(out_row + c * kChunk, v);""",
+      Chunk<T, kChunk>::store(out_row + c * kChunk, v);""",
               """    const int per_thread = num_chunks / kBackwardThreads;
     for (int cc = threadIdx.x; cc < per_thread * kBackwardThreads; cc += kBackwardThreads) {
       const int c = (cc % kBackwardThreads) * per_thread + cc / kBackwardThreads;  // thread-major: transposed
       float v[kChunk];
-      Chunk<T>::template load<true>(in_row + c * kChunk, v);
+      Chunk<T, kChunk>::template load<true>(in_row + c * kChunk, v);
 #pragma unroll
       for (int j = 0; j < kChunk; ++j) v[j] *= factor;
-      Chunk<T>::store(out_row + c * kChunk, v);"""),),
+      Chunk<T, kChunk>::store(out_row + c * kChunk, v);"""),),
             "temperature_kl_backward LLaVA", "streaming efficiency"),
     PerfBug("shared-memory layout with a 32-float stride (attention key sums lane-major)",
             "attention_importance.cu",
