@@ -76,7 +76,9 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def cases() -> list[Case]:
+def cases(device: str = "cpu") -> list[Case]:
+    """The op calls; their inputs are made on the CPU (same values everywhere) and moved to `device` ("cuda": the
+    same calls under Nsight Compute, tools/ncu_perf.py)."""
     import torch  # noqa: PLC0415
 
     ops = torch.ops.epic_ext
@@ -92,8 +94,8 @@ def cases() -> list[Case]:
 
         def run():
             g = torch.Generator().manual_seed(0)
-            student = (torch.randn(n, v, generator=g) * 3).to(dtype)
-            teacher = (torch.randn(n, v, generator=g) * 3).to(teacher_dtype)
+            student = (torch.randn(n, v, generator=g) * 3).to(dtype).to(device)
+            teacher = (torch.randn(n, v, generator=g) * 3).to(teacher_dtype).to(device)
             return (lambda: ops.temperature_kl(student, teacher, None, 2.0, 4.0, grad),
                     _nbytes(student, teacher) + n * 4 + (n * v * es if grad else 0))
 
@@ -111,8 +113,8 @@ def cases() -> list[Case]:
 
         def run():
             g = torch.Generator().manual_seed(1)
-            grad = torch.randn(n, v, generator=g).to(dtype)
-            grad_rows = torch.rand(n, generator=g)
+            grad = torch.randn(n, v, generator=g).to(dtype).to(device)
+            grad_rows = torch.rand(n, generator=g).to(device)
             return lambda: ops.temperature_kl_backward(grad, grad_rows), 2 * _nbytes(grad) + _nbytes(grad_rows)
 
         return Case("temperature_kl_backward", m["model"], f"[{n}, {v}] {str(dtype).removeprefix('torch.')}", run)
@@ -122,8 +124,8 @@ def cases() -> list[Case]:
 
         def run():
             g = torch.Generator().manual_seed(2)
-            q = torch.randn(b, m["heads"], r, d, generator=g).to(torch.bfloat16)
-            k = torch.randn(b, m["kv_heads"], L, d, generator=g).to(torch.bfloat16)
+            q = torch.randn(b, m["heads"], r, d, generator=g).to(torch.bfloat16).to(device)
+            k = torch.randn(b, m["kv_heads"], L, d, generator=g).to(torch.bfloat16).to(device)
             return lambda: ops.attention_importance(q, k, None, None, None), _nbytes(q, k) + b * L * 4
 
         kv_bytes = b * m["kv_heads"] * L * d * 2
@@ -140,8 +142,8 @@ def cases() -> list[Case]:
 
         def run():
             g = torch.Generator().manual_seed(3)
-            scores = torch.rand(b, m["seq"], generator=g)
-            start = torch.full((b,), m["span_start"], dtype=torch.long)
+            scores = torch.rand(b, m["seq"], generator=g).to(device)
+            start = torch.full((b,), m["span_start"], dtype=torch.long).to(device)
             return (lambda: ops.select_tokens(scores, start, m["span"], m["keep"]),
                     b * m["span"] * 4 + _nbytes(start) + b * m["keep"] * 8)
 
@@ -157,13 +159,13 @@ def cases() -> list[Case]:
 
         def run():
             g = torch.Generator().manual_seed(4)
-            index = torch.sort(torch.randperm(L, generator=g)[:k_rows]).values.unsqueeze(0)
+            index = torch.sort(torch.randperm(L, generator=g)[:k_rows]).values.unsqueeze(0).to(device)
             if not backward:
-                x = torch.randn(*shape, generator=g).to(torch.bfloat16)
+                x = torch.randn(*shape, generator=g).to(torch.bfloat16).to(device)
                 return lambda: ops.gather_tokens(x, index, dim), 2 * k_rows * row + _nbytes(index)
             out_shape = list(shape)
             out_shape[dim] = k_rows
-            grad = torch.randn(*out_shape, generator=g).to(torch.bfloat16)
+            grad = torch.randn(*out_shape, generator=g).to(torch.bfloat16).to(device)
             return (lambda: ops.gather_tokens_backward(grad, index, dim, L),
                     _nbytes(grad, index) + L * row)
 
