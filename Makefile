@@ -17,7 +17,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 PROFILE ?= quick
 CONSTANTS ?=
 .PHONY: all setup build test test-compat install-check fuzz demo demo-model bench ablation cuda-check cuda-emu \
-	cuda-emu-planted cuda-link-check gpu-check gpu-wheels clean
+	cuda-emu-planted cuda-perf cuda-perf-planted cuda-link-check gpu-check gpu-wheels clean
 all: test
 
 $(VPY):
@@ -89,6 +89,16 @@ cuda-emu: build
 # Proof that the emulated tests catch kernel bugs: plants known bugs in copies of csrc/cuda; each must fail them.
 cuda-emu-planted: build
 	$(VPY) tools/cuda_emu/planted.py
+
+# Memory traffic of the CUDA kernels, counted in the emulator (tools/cuda_emu/PERF.md): sectors per request,
+# efficiency, bytes against the op's minimum, bank conflicts, a modelled H100 time; bench/results/cuda_perf.*.
+cuda-perf: build
+	@command -v nvcc >/dev/null || $(PIPC) nvidia-cuda-runtime nvidia-cuda-crt nvidia-cuda-cccl
+	$(VPY) tools/cuda_emu/perf.py report
+
+# Proof that the report flags performance bugs planted in copies of csrc/cuda (also a test: test_cuda_perf.py).
+cuda-perf-planted: build
+	$(VPY) tools/cuda_emu/perf_planted.py
 
 # Build with EPIC_EXT_CUDA=ON against a CUDA torch (2.15.0, CUDA 13.2) in a separate venv (build/link-check), import
 # it and run the CPU op tests. Downloads ~2.7 GB the first time; run it before resolving a change to csrc/cuda.

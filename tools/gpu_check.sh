@@ -3,7 +3,8 @@
 # its CUDA kernels against the torch that is there, runs the op tests' CUDA cases, runs them again under
 # compute-sanitizer (memcheck, racecheck, synccheck), and runs the benchmarks (bench/: temperature_kl vs copy
 # bandwidth, eager, torch.compile and Liger-Kernel; the token ops vs eager attention + topk; the LLaVA-7B-shaped
-# prefill; the TCD/SFT train step), whose rows land in bench/results/*.csv with the device name. A summary with every
+# prefill; the TCD/SFT train step), whose rows land in bench/results/*.csv with the device name, and, where Nsight
+# Compute is installed, records its memory counters next to the emulator's (tools/ncu_perf.py). A summary with every
 # step's status and time goes to bench/results/gpu-check-<device>.md.
 #
 # The GPU machines have no network: `make gpu-wheels` (here) puts the DeepSpeed and Liger-Kernel wheels into
@@ -51,6 +52,15 @@ for tool in racecheck synccheck; do
   step "compute-sanitizer $tool" compute-sanitizer --tool "$tool" --error-exitcode 1 \
     "$PYTHON" -m pytest "${OPS_TESTS[@]}" -m cuda -q -p no:cacheprovider -x -k "$SANITIZE_SELECT"
 done
+# Nsight Compute's counters for the op calls of `make cuda-perf` (tools/ncu_perf.py: sectors per request, bank
+# conflicts, DRAM bytes, duration) next to the emulator's figures: bench/results/cuda_perf_ncu-<device>.md. Skipped,
+# and said so in the summary, where ncu is not installed.
+if "$PYTHON" -c "import sys; sys.path.insert(0, 'tools'); import ncu_perf; sys.exit(ncu_perf.find_ncu() is None)"; then
+  step "ncu counters next to the emulator's" "$PYTHON" tools/ncu_perf.py report --require
+else
+  echo "==== ncu counters: skipped, Nsight Compute's ncu not found (PATH, /usr/local/cuda/bin, /opt/nvidia)"
+  summary+=("| ncu counters next to the emulator's | skipped: no ncu | 0 s |")
+fi
 step "benchmarks" "$PYTHON" -m pytest bench -o python_files="bench_*.py" -p no:cacheprovider --benchmark-disable-gc -s
 
 device=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no-gpu')" \

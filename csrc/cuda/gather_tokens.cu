@@ -8,8 +8,10 @@
 //   gather_rows_kernel: reads each selected row of x once (a row selected twice is read twice) and index once per
 //     row; writes the output once. Rows are copied as raw bytes in the widest unit (16 bytes down to 1) that the
 //     row size and both base pointers allow.
-//   build_inverse_kernel: reads index once and writes the bucket ends [B, length] and sources [B, K] (int32) once;
-//     the counts live in shared memory when `length` fits in 48 KiB, else in the global bucket-end array (L2).
+//   build_inverse_kernel: reads index once (twice when it is non-decreasing: the check, then binary searches that
+//     L1 serves) and writes the bucket ends [B, length] and sources [B, K] (int32) once; for an index that is not
+//     non-decreasing the counts live in shared memory when `length` fits in 48 KiB, else in the global bucket-end
+//     array (L2).
 //   scatter_rows_kernel: reads every grad row once (through the inverse lists) and writes every output row once,
 //     zeros included, so the output needs no separate zero fill.
 // Achieved bandwidth: not measured (no GPU was available when this was written); bench/ is where it belongs.
@@ -123,6 +125,21 @@ __device__ __forceinline__ int warp_inclusive_scan(int x, int lane) {
   return x;
 }
 
+// The number of entries <= x in the non-decreasing a[0, n).
+__device__ __forceinline__ int count_at_most(const int64_t* a, int n, int64_t x) {
+  int lo = 0;
+  int hi = n;
+  while (lo < hi) {
+    const int mid = lo + (hi - lo) / 2;
+    if (a[mid] <= x) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
 __global__ void __launch_bounds__(kThreads)
     build_inverse_kernel(const int64_t* __restrict__ index,  // [B, K] contiguous, values in [-1, length)
                          int K, int length, bool counters_in_shared,
@@ -140,6 +157,21 @@ __global__ void __launch_bounds__(kThreads)
   int* srcs_b = sources + static_cast<int64_t>(b) * K;
   // Generic pointer: shared or global, the same code below either way.
   int* offs = counters_in_shared ? shared_counters : ends_b;
+
+  // 0. A non-decreasing index, what compression produces (kept positions in ascending order, -1 padding only in
+  // front), needs no counting sort: the sources are its valid entries in order, and bucket p ends at the number of
+  // valid entries <= p. Its accesses are coalesced global ones and binary searches in which neighbouring lanes
+  // (neighbouring destinations) read the same or adjacent entries. The counting sort below has to scatter atomics
+  // and cursor reads/writes over shared counters indexed by token position, which no layout keeps free of bank
+  // conflicts: 1.19-1.21 ways on average at the cuda_perf shapes (tools/cuda_emu/PERF.md).
+  bool ascending = true;
+  for (int k = threadIdx.x; k + 1 < K; k += kThreads) ascending &= idx[k] <= idx[k + 1];
+  if (__syncthreads_and(ascending)) {  // block-uniform: the whole block returns here or none of it
+    const int skipped = count_at_most(idx, K, -1);  // leading -1 entries: zero rows, no destination
+    for (int k = threadIdx.x; k + skipped < K; k += kThreads) srcs_b[k] = k + skipped;
+    for (int p = threadIdx.x; p < length; p += kThreads) ends_b[p] = count_at_most(idx, K, p) - skipped;
+    return;
+  }
 
   // 1. Counts per destination. Integer atomics: the counts do not depend on their order.
   for (int p = threadIdx.x; p < length; p += kThreads) offs[p] = 0;

@@ -9,8 +9,9 @@
 //   Longer spans: the same keys in global memory, at::topk over them (exact, the keys being unique), and at::sort of
 //   the chosen positions.
 //
-// Memory traffic: select_tokens_block_kernel reads the span's scores once and writes [keep] positions once; the
-// sort and the flags stay in shared memory. The long-span path writes and reads the [B, span] int64 keys once more
+// Memory traffic: select_tokens_block_kernel reads the span's scores once and writes [keep] positions once, in
+// whole sectors (reads and writes start at 32-byte boundaries); the sort, the flags and the compacted positions
+// stay in shared memory. Counted by `make cuda-perf` (tools/cuda_emu/PERF.md): 1.0x the minimum, <= 1.1 bank ways. The long-span path writes and reads the [B, span] int64 keys once more
 // plus what topk and sort move. Achieved time: not measured (no GPU was available when this was written).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/aminmax.h>
@@ -70,17 +71,23 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t start = span_start[b * start_s];
   const T* row = scores + b * score_sb + start * score_sl;
 
-  // Key 0 pads the network: it ranks after every real key (token_keys.cuh).
-  for (int i = tid; i < padded; i += threads) {
+  // Key 0 pads the network: it ranks after every real key (token_keys.cuh). A span starts anywhere (LLaVA's after
+  // 35 prompt tokens): contiguous scores are read from the 32-byte boundary below the start, so that each warp's
+  // request covers whole sectors instead of straddling one more.
+  const int shift = score_sl == 1 ? static_cast<int>(reinterpret_cast<uintptr_t>(row) % 32 / sizeof(T)) : 0;
+  for (int i = tid - shift; i < padded; i += threads) {
+    if (i < 0) continue;
     keys[i] = i < span_length ? tk::token_key(to_float(row[i * score_sl]), static_cast<uint32_t>(i)) : 0ull;
   }
   for (int i = tid; i < span_length; i += threads) flags[i] = 0;
   __syncthreads();
 
-  // Bitonic network, descending overall; each thread compare-exchanges pairs (i, i | j) with bit j of i clear.
+  // Bitonic network, descending overall. Steps with j >= 32: each thread compare-exchanges pairs (i, i | j) with
+  // bit j of i clear, in shared memory (a warp's 32 lower keys are consecutive: conflict-free 8-byte accesses).
   const int pairs = padded / 2;
   for (int k = 2; k <= padded; k <<= 1) {
-    for (int j = k >> 1; j > 0; j >>= 1) {
+    int j = k >> 1;
+    for (; j >= 32; j >>= 1) {
       for (int pair = tid; pair < pairs; pair += threads) {
         const uint32_t i = tk::bitonic_lower_index(static_cast<uint32_t>(pair), static_cast<uint32_t>(j));
         const uint32_t ixj = i | static_cast<uint32_t>(j);
@@ -93,6 +100,22 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
       __syncthreads();
     }
+    // Steps with j < 32: both keys of a pair belong to one warp. Each lane holds the key at its own position and
+    // meets its partner by shuffle; in shared memory the same steps put two lanes' 8-byte keys on each bank (a
+    // 2-way conflict on every access, 1.6 ways on average over the sort: tools/cuda_emu/PERF.md). Every lane of a
+    // warp runs the same iterations: padded is a multiple of threads, and threads of 32.
+    for (int e = tid; e < padded; e += threads) {
+      uint64_t mine = keys[e];
+      for (int jj = j; jj > 0; jj >>= 1) {
+        const uint64_t other = __shfl_xor_sync(0xffffffffu, mine, jj);
+        const bool descending = tk::bitonic_descending(static_cast<uint32_t>(e & ~jj), static_cast<uint32_t>(k));
+        const bool swap = (e & jj) == 0 ? tk::bitonic_must_swap(mine, other, descending)
+                                        : tk::bitonic_must_swap(other, mine, descending);
+        if (swap) mine = other;
+      }
+      keys[e] = mine;
+    }
+    __syncthreads();
   }
 
   // keys[0, keep) are the winners (all real keys: keep <= span_length and the padding sorts last).
@@ -100,7 +123,10 @@ __global__ void __launch_bounds__(kMaxThreads)
   __syncthreads();
 
   // Ascending compaction: chunk after chunk of `threads` flags, a ballot per warp and a scan over the warp counts.
+  // The positions gather in shared memory (the keys are no longer needed) and leave in one coalesced pass: written
+  // straight out, each warp's run would start at an arbitrary offset and straddle a sector more per request.
   int64_t* out_b = out + static_cast<int64_t>(b) * keep;
+  int64_t* staged = reinterpret_cast<int64_t*>(keys);
   int written = 0;  // block-uniform
   for (int base = 0; base < span_length && written < keep; base += threads) {
     const int i = base + tid;
@@ -115,9 +141,13 @@ __global__ void __launch_bounds__(kMaxThreads)
       before += w < warp ? c : 0;
       total += c;
     }
-    if (chosen) out_b[written + before + __popc(ballot & ((1u << lane) - 1u))] = start + i;
+    if (chosen) staged[written + before + __popc(ballot & ((1u << lane) - 1u))] = start + i;
     written += total;
-    __syncthreads();  // warp_counts is rewritten by the next chunk
+    __syncthreads();  // warp_counts is rewritten by the next chunk; staged is complete after the last
+  }
+  const int out_shift = static_cast<int>(reinterpret_cast<uintptr_t>(out_b) % 32 / sizeof(int64_t));
+  for (int i = tid - out_shift; i < keep; i += threads) {
+    if (i >= 0) out_b[i] = staged[i];
   }
 }
 

@@ -38,8 +38,12 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMinBlocksPerSm = 2;
-// Elements per vector step: one 16-byte load for bf16/fp16, two for fp32.
-constexpr int kChunk = 8;
+// Elements per vector step of a kernel over element types A and B: 16 bytes of the wider one (4 when either is fp32,
+// else 8), so that each lane's step is one access per tensor and a warp's request is contiguous: 512 bytes of the
+// wider type (16 sectors, all used) and 256 of a narrower one. A fixed 8 elements made an fp32 step two float4
+// loads 32 bytes apart per lane: every request touched 32 sectors and used half of each (50%, make cuda-perf).
+template <typename A, typename B = A>
+inline constexpr int kChunkOf = 16 / static_cast<int>(sizeof(A) > sizeof(B) ? sizeof(A) : sizeof(B));
 // Vector steps whose loads are issued before any of them is used: more bytes in flight per thread.
 constexpr int kUnroll = 2;
 // Indices inside a row are int; this keeps every loop bound (index + kUnroll * kThreads * kChunk) far from overflow.
@@ -52,51 +56,51 @@ __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000)
 using dev::from_float;
 using dev::to_float;
 
-// kChunk consecutive elements, p 16-byte aligned. kStreaming marks the line evict-first in L2: used for data that
-// is read for the last time (the gradient sweep, the backward) so it does not push out rows still awaiting their
-// second read.
-template <typename T>
+// N consecutive elements, p aligned to their N * sizeof(T) bytes (16, or 8 for a 16-bit type beside an fp32 one).
+// kStreaming marks the line evict-first in L2: used for data that is read for the last time (the gradient sweep,
+// the backward) so it does not push out rows still awaiting their second read.
+template <typename T, int N>
 struct Chunk;
 
-template <>
-struct Chunk<float> {
+template <int N>
+struct Chunk<float, N> {
+  static_assert(N == 4, "fp32 is always the wider type: one float4 per step");
   template <bool kStreaming>
-  static __device__ __forceinline__ void load(const float* p, float (&v)[kChunk]) {
+  static __device__ __forceinline__ void load(const float* p, float (&v)[N]) {
     const float4* q = reinterpret_cast<const float4*>(p);
     const float4 a = kStreaming ? __ldcs(q) : __ldg(q);
-    const float4 b = kStreaming ? __ldcs(q + 1) : __ldg(q + 1);
     v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
   }
-  static __device__ __forceinline__ void store(float* p, const float (&v)[kChunk]) {
-    float4* q = reinterpret_cast<float4*>(p);
-    __stcs(q, make_float4(v[0], v[1], v[2], v[3]));
-    __stcs(q + 1, make_float4(v[4], v[5], v[6], v[7]));
+  static __device__ __forceinline__ void store(float* p, const float (&v)[N]) {
+    __stcs(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
   }
 };
 
-// bf16 and fp16: one uint4 holds 4 packed pairs; the lower half of each 32-bit word is the lower-address element.
-template <typename T, typename T2>
+// bf16 and fp16: a uint4 (8 elements) or uint2 (4, beside fp32) of packed pairs; the lower half of each 32-bit word
+// is the lower-address element.
+template <typename T, typename T2, int N>
 struct PackedChunk {
   static_assert(sizeof(T2) == 4, "packed pair must be 32 bits");
+  static_assert(N == 8 || N == 4, "a step is 16 or 8 bytes");
+  using Raw = std::conditional_t<N == 8, uint4, uint2>;
   template <bool kStreaming>
-  static __device__ __forceinline__ void load(const T* p, float (&v)[kChunk]) {
-    const uint4* q = reinterpret_cast<const uint4*>(p);
-    const uint4 raw = kStreaming ? __ldcs(q) : __ldg(q);
+  static __device__ __forceinline__ void load(const T* p, float (&v)[N]) {
+    const Raw* q = reinterpret_cast<const Raw*>(p);
+    const Raw raw = kStreaming ? __ldcs(q) : __ldg(q);
     const T2* pairs = reinterpret_cast<const T2*>(&raw);
 #pragma unroll
-    for (int j = 0; j < kChunk / 2; ++j) {
+    for (int j = 0; j < N / 2; ++j) {
       const float2 f = to_float2(pairs[j]);
       v[2 * j] = f.x;
       v[2 * j + 1] = f.y;
     }
   }
-  static __device__ __forceinline__ void store(T* p, const float (&v)[kChunk]) {
-    uint4 raw;
+  static __device__ __forceinline__ void store(T* p, const float (&v)[N]) {
+    Raw raw;
     T2* pairs = reinterpret_cast<T2*>(&raw);
 #pragma unroll
-    for (int j = 0; j < kChunk / 2; ++j) pairs[j] = from_float2(v[2 * j], v[2 * j + 1]);
-    __stcs(reinterpret_cast<uint4*>(p), raw);
+    for (int j = 0; j < N / 2; ++j) pairs[j] = from_float2(v[2 * j], v[2 * j + 1]);
+    __stcs(reinterpret_cast<Raw*>(p), raw);
   }
   static __device__ __forceinline__ float2 to_float2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
   static __device__ __forceinline__ float2 to_float2(__half2 x) { return __half22float2(x); }
@@ -109,19 +113,20 @@ struct PackedChunk {
   }
 };
 
-template <>
-struct Chunk<__nv_bfloat16> : PackedChunk<__nv_bfloat16, __nv_bfloat162> {};
-template <>
-struct Chunk<__half> : PackedChunk<__half, __half2> {};
+template <int N>
+struct Chunk<__nv_bfloat16, N> : PackedChunk<__nv_bfloat16, __nv_bfloat162, N> {};
+template <int N>
+struct Chunk<__half, N> : PackedChunk<__half, __half2, N> {};
 
 // Fills a grad row of an ignored (0) or invalid (NaN) row.
 template <typename S, bool kVec>
 __device__ __forceinline__ void fill_row(S* row, int vocab, float value) {
+  constexpr int kChunk = kChunkOf<S>;
   const int num_chunks = kVec ? vocab / kChunk : 0;
   float v[kChunk];
 #pragma unroll
   for (int j = 0; j < kChunk; ++j) v[j] = value;
-  for (int c = threadIdx.x; c < num_chunks; c += kThreads) Chunk<S>::store(row + c * kChunk, v);
+  for (int c = threadIdx.x; c < num_chunks; c += kThreads) Chunk<S, kChunk>::store(row + c * kChunk, v);
   const S fill = from_float<S>(value);
   for (int i = num_chunks * kChunk + threadIdx.x; i < vocab; i += kThreads) row[i] = fill;
 }
@@ -161,6 +166,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   __shared__ kl::KlState<float> warp_states[kWarps];
   __shared__ kl::KlRowStats row_stats;
 
+  constexpr int kChunk = kChunkOf<S, Tt>;
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int num_chunks = kVec ? vocab / kChunk : 0;
@@ -187,8 +193,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       float t[kUnroll][kChunk];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        Chunk<S>::template load<false>(student_row + (c + u * kThreads) * kChunk, s[u]);
-        Chunk<Tt>::template load<false>(teacher_row_ptr + (c + u * kThreads) * kChunk, t[u]);
+        Chunk<S, kChunk>::template load<false>(student_row + (c + u * kThreads) * kChunk, s[u]);
+        Chunk<Tt, kChunk>::template load<false>(teacher_row_ptr + (c + u * kThreads) * kChunk, t[u]);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
@@ -199,8 +205,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     for (; c < num_chunks; c += kThreads) {
       float s[kChunk];
       float t[kChunk];
-      Chunk<S>::template load<false>(student_row + c * kChunk, s);
-      Chunk<Tt>::template load<false>(teacher_row_ptr + c * kChunk, t);
+      Chunk<S, kChunk>::template load<false>(student_row + c * kChunk, s);
+      Chunk<Tt, kChunk>::template load<false>(teacher_row_ptr + c * kChunk, t);
 #pragma unroll
       for (int j = 0; j < kChunk; ++j) kl::kl_state_add(st, t[j], s[j], log2e_over_t);
     }
@@ -235,11 +241,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         float s[kChunk];
         float t[kChunk];
         float g[kChunk];
-        Chunk<S>::template load<true>(student_row + cc * kChunk, s);
-        Chunk<Tt>::template load<true>(teacher_row_ptr + cc * kChunk, t);
+        Chunk<S, kChunk>::template load<true>(student_row + cc * kChunk, s);
+        Chunk<Tt, kChunk>::template load<true>(teacher_row_ptr + cc * kChunk, t);
 #pragma unroll
         for (int j = 0; j < kChunk; ++j) g[j] = kl::kl_grad_element(s[j], t[j], log2e_over_t, rs);
-        Chunk<S>::store(grad_row + cc * kChunk, g);
+        Chunk<S, kChunk>::store(grad_row + cc * kChunk, g);
       }
       for (int i = num_chunks * kChunk + threadIdx.x; i < vocab; i += kThreads) {
         grad_row[i] = from_float<S>(
@@ -257,6 +263,7 @@ __global__ void __launch_bounds__(kBackwardThreads)
                                    const float* __restrict__ grad_rows,    // [N] stride grad_rows_stride
                                    int64_t grad_rows_stride, int64_t num_rows, int vocab,
                                    T* __restrict__ out) {                  // [N, V] contiguous
+  constexpr int kChunk = kChunkOf<T>;
   const int num_chunks = kVec ? vocab / kChunk : 0;
   for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
     const float factor = grad_rows[row * grad_rows_stride];
@@ -264,10 +271,10 @@ __global__ void __launch_bounds__(kBackwardThreads)
     T* out_row = out + row * static_cast<int64_t>(vocab);
     for (int c = threadIdx.x; c < num_chunks; c += kBackwardThreads) {
       float v[kChunk];
-      Chunk<T>::template load<true>(in_row + c * kChunk, v);
+      Chunk<T, kChunk>::template load<true>(in_row + c * kChunk, v);
 #pragma unroll
       for (int j = 0; j < kChunk; ++j) v[j] *= factor;
-      Chunk<T>::store(out_row + c * kChunk, v);
+      Chunk<T, kChunk>::store(out_row + c * kChunk, v);
     }
     for (int i = num_chunks * kChunk + threadIdx.x; i < vocab; i += kBackwardThreads) {
       out_row[i] = from_float<T>(to_float(in_row[i]) * factor);

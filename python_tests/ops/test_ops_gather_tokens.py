@@ -73,6 +73,23 @@ def test_repeated_indices_accumulate(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("leading_pad", [0, 7])
+def test_backward_with_a_non_decreasing_index(device, leading_pad):
+    """A non-decreasing index (what compression produces) takes the CUDA backward's sort-free inverse, chosen per
+    sample: sample 0 is non-decreasing with repeats (and leading -1 padding), sample 1 the same entries shuffled."""
+    g = torch.Generator().manual_seed(6 + leading_pad)
+    length, keep = 300, 90
+    ascending = torch.randint(0, length, (keep,), generator=g).sort().values
+    ascending[:leading_pad] = -1
+    index = torch.stack([ascending, ascending[torch.randperm(keep, generator=g)]])
+    grad = torch.randn(2, keep, 24, generator=g, dtype=torch.float64)
+    got = torch.ops.epic_ext.gather_tokens_backward(grad.to(device), index.to(device), 1, length)
+    x = torch.zeros(2, length, 24, dtype=torch.float64, requires_grad=True)
+    reference.gather_tokens(x, index, dim=1).backward(grad)
+    torch.testing.assert_close(got.cpu(), x.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_empty_cases(device):
     x = torch.randn(2, 10, 4, device=device, requires_grad=True)
     out = ops.gather_tokens(x, torch.zeros(2, 0, dtype=torch.long, device=device))

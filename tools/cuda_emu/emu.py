@@ -7,7 +7,7 @@ error-check headers are replaced by small stubs (tools/cuda_emu/include/c10/cuda
 toolkit of the nvcc on PATH or, without one, from the nvidia-cuda-runtime / -crt / -cccl wheels.
 
 Usage:
-  python tools/cuda_emu/emu.py build [--variant release|asan]    -> build/cuda_emu/<variant>/libepic_ext_cuda_emu.so
+  python tools/cuda_emu/emu.py build [--variant release|asan|perf]    -> build/cuda_emu/<variant>/libepic_ext_cuda_emu.so
   python tools/cuda_emu/emu.py selftest [--variant ...]          the runtime's own tests (no torch)
   python tools/cuda_emu/emu.py test [--variant ...] [--config NAME ...] [-- pytest args]
   python tools/cuda_emu/emu.py ci                                 what `make cuda-emu` runs: both builds, the
@@ -39,7 +39,16 @@ VARIANT_FLAGS = {
     # alignment: UBSan's check of every typed access, so a misaligned float4 dereference fails too (x86 forgives
     # it; a GPU does not).
     "asan": ["-O1", "-g", "-fsanitize=address,alignment", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
+    # Memory-traffic counters (tools/cuda_emu/PERF.md): ThreadSanitizer's instrumentation reports every load and
+    # store to the runtime's callbacks. Nothing may merge, widen or split the kernels' accesses on the way: no
+    # auto-vectorisation, no store merging, and no scalar replacement of aggregates (which would turn one float4
+    # access, one 16-byte instruction on a GPU, into four strided 4-byte ones). -g names each instruction's line.
+    "perf": ["-O2", "-g", "-DCUDA_EMU_PERF", "-fno-tree-vectorize", "-fno-tree-slp-vectorize", "-fno-store-merging",
+             "-fno-tree-sra", "-fno-ipa-sra"],
 }
+# Only the kernels' units are instrumented; the runtime that counts is not.
+INSTRUMENT_FLAGS = {"perf": ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0",
+                             "--param", "tsan-distinguish-volatile=0"]}
 COMMON_FLAGS = [
     "-std=c++20",
     "-march=native",  # built where it runs (build/ is never shared); fmaf & co. inline instead of calling libm
@@ -170,9 +179,10 @@ def rewrite_tree(src: pathlib.Path, dst: pathlib.Path, display_dir: str) -> list
 
 
 # ---- compiling -----------------------------------------------------------------------------------------------------
-def compile_flags(variant: str, with_torch: bool) -> list[str]:
+def compile_flags(variant: str, with_torch: bool, instrumented: bool = True) -> list[str]:
     """The same for every copy of the sources: a unit finds its .cuh files beside it ("..." includes)."""
-    flags = COMMON_FLAGS + VARIANT_FLAGS[variant] + ["-include", str(EMU_DIR / "include" / "cuda_emu" / "cuda_emu.h")]
+    flags = COMMON_FLAGS + VARIANT_FLAGS[variant] + (INSTRUMENT_FLAGS.get(variant, []) if instrumented else [])
+    flags += ["-include", str(EMU_DIR / "include" / "cuda_emu" / "cuda_emu.h")]
     flags += [f"-I{EMU_DIR / 'include'}"]
     flags += [f"-I{d}" for d in cuda_include_dirs()]
     if with_torch:
@@ -222,8 +232,10 @@ def build_library(variant: str = "release", src: pathlib.Path | None = None, out
     torch_dir, torch_version = torch_dirs()
     units = rewrite_tree(src, out / "src", "csrc/cuda")
     flags = compile_flags(variant, with_torch=True)
-    objects = compile_objects(units + [EMU_DIR / "runtime.cpp"], flags, BUILD_DIR / variant / "obj",
-                              jobs or default_jobs(), fingerprint=f"torch {torch_version}")
+    objects = compile_objects(units, flags, BUILD_DIR / variant / "obj", jobs or default_jobs(),
+                              fingerprint=f"torch {torch_version}")
+    objects += compile_objects([EMU_DIR / "runtime.cpp"], compile_flags(variant, True, instrumented=False),
+                               BUILD_DIR / variant / "obj", 1, fingerprint=f"torch {torch_version}")
     library = out / LIBRARY_NAME
     cmd = ["g++", "-shared", *VARIANT_FLAGS[variant], "-o", str(library) + ".tmp", *map(str, objects),
            f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}", "-lpthread"]
@@ -238,8 +250,10 @@ def build_selftest(variant: str = "release") -> pathlib.Path:
     out = BUILD_DIR / variant / "selftest"
     units = rewrite_tree(EMU_DIR / "tests", out / "src", "tools/cuda_emu/tests")
     flags = compile_flags(variant, with_torch=False)
-    objects = compile_objects(units + [EMU_DIR / "runtime.cpp"], flags, BUILD_DIR / variant / "obj-selftest",
-                              default_jobs(), fingerprint="selftest")
+    objects = compile_objects(units, flags, BUILD_DIR / variant / "obj-selftest", default_jobs(),
+                              fingerprint="selftest")
+    objects += compile_objects([EMU_DIR / "runtime.cpp"], compile_flags(variant, False, instrumented=False),
+                               BUILD_DIR / variant / "obj-selftest", 1, fingerprint="selftest")
     binary = out / "cuda_emu_selftest"
     cmd = ["g++", *VARIANT_FLAGS[variant], "-o", str(binary), *map(str, objects), "-lpthread"]
     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -22,12 +22,23 @@
 //   CUDA_EMU_SMEM_OPTIN shared memory per block with opt-in (default 227 KiB)
 //   CUDA_EMU_WORKERS    OS threads that run blocks (default 2)
 //   CUDA_EMU_STACK_KB   stack per CUDA thread (default 64, 512 under AddressSanitizer)
+//
+// Memory-traffic counters (built with -DCUDA_EMU_PERF, emu.py --variant perf; PERF.md): the kernels are compiled
+// with -fsanitize=thread, which makes every load and store call __tsan_readN / __tsan_writeN (atomics
+// __tsan_atomicN_*) with its address. This file supplies those functions instead of the sanitizer's runtime (it is
+// itself compiled without the instrumentation). An access by a CUDA thread that is not to its own stack nor to the
+// launch's parameters is to shared memory (the block's dynamic buffer or a static __shared__ variable) or else to
+// global memory. Each lane numbers its executions of each instruction (the return address of the callback) since
+// the block's last __syncthreads; the k-th executions of one instruction by the lanes of a warp form one
+// warp-level request, evaluated when the block reaches its next __syncthreads or ends.
 #include "cuda_emu/cuda_emu.h"
 
 #include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
+
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <condition_variable>
@@ -42,6 +53,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -201,6 +213,61 @@ size_t stack_bytes() {
 
 enum class State : uint8_t { kReady, kBarrier, kWarp, kExited, kFaulted };
 
+// ---- memory-traffic counters: data --------------------------------------------------------------------------
+enum class Access : uint8_t { kLoad, kStore, kAtomic };
+
+struct LaneAccess {
+  uintptr_t address;
+  uint32_t size;
+};
+
+// One warp-level request being assembled: the lanes' accesses of one (instruction, execution index).
+struct Request {
+  Access access;
+  bool shared;
+  uint32_t lanes;
+  LaneAccess lane[32];
+};
+
+struct RequestKey {
+  uintptr_t pc;
+  uint32_t k;
+  bool operator==(const RequestKey& o) const { return pc == o.pc && k == o.k; }
+};
+struct RequestKeyHash {
+  size_t operator()(const RequestKey& key) const { return std::hash<uintptr_t>()(key.pc * 31 + key.k); }
+};
+
+// Per instruction (return address of the callback), summed over a launch.
+struct SiteCounters {
+  Access access = Access::kLoad;
+  bool shared = false;
+  uint64_t requests = 0, sectors = 0, bytes = 0, wavefronts = 0, ideal = 0;
+  double worst_ways = 0;
+};
+
+struct PerfState {
+  PerfCounters totals{};
+  std::unordered_map<uintptr_t, SiteCounters> sites;
+  void merge(const PerfState& o) {
+    PerfCounters& a = totals;
+    const PerfCounters& b = o.totals;
+    a.load_requests += b.load_requests, a.load_sectors += b.load_sectors, a.load_bytes += b.load_bytes;
+    a.store_requests += b.store_requests, a.store_sectors += b.store_sectors, a.store_bytes += b.store_bytes;
+    a.atomic_requests += b.atomic_requests, a.atomic_sectors += b.atomic_sectors, a.atomic_bytes += b.atomic_bytes;
+    a.shared_requests += b.shared_requests, a.shared_wavefronts += b.shared_wavefronts;
+    a.shared_ideal_wavefronts += b.shared_ideal_wavefronts;
+    a.shared_worst_ways = std::max(a.shared_worst_ways, b.shared_worst_ways);
+    for (const auto& [pc, c] : o.sites) {
+      SiteCounters& m = sites[pc];
+      m.access = c.access, m.shared = c.shared;
+      m.requests += c.requests, m.sectors += c.sectors, m.bytes += c.bytes;
+      m.wavefronts += c.wavefronts, m.ideal += c.ideal;
+      m.worst_ways = std::max(m.worst_ways, c.worst_ways);
+    }
+  }
+};
+
 struct EmuThread {
   ThreadCtx ctx;
   int linear = 0;
@@ -217,6 +284,8 @@ struct EmuThread {
   int arg = 0;
   int width = 32;
   uint64_t result = 0;
+  // perf: (instruction, executions since the block's last __syncthreads); few instructions per barrier interval.
+  std::vector<std::pair<uintptr_t, uint32_t>> executions;
 };
 
 // A warp operation that some lanes of a warp wait at.
@@ -245,6 +314,9 @@ struct Worker {
   size_t ready_head = 0;
   std::vector<unsigned char> dynamic_shared;
   std::vector<const void*> static_shared_seen;  // static __shared__ variables met in this block
+  std::vector<size_t> static_shared_sizes;       // their sizes (perf: an access there is a shared one)
+  std::vector<std::unordered_map<RequestKey, Request, RequestKeyHash>> pending;  // perf: per warp
+  PerfState perf;  // perf: this worker's share of the current launch
   size_t static_shared_bytes = 0;
   std::mt19937_64 rng;
   Order order = Order::kForward;
@@ -269,6 +341,8 @@ struct Job {
   const void* kernel_id;
   InvokeFn invoke;
   const void* closure;
+  size_t closure_bytes;
+  PerfState perf;  // merged from the workers at the end
   std::vector<uint3> block_order;
   std::atomic<size_t> next{0};
   std::atomic<bool> failed{false};
@@ -433,6 +507,82 @@ int next_ready(Worker& w) {
 
 void fail(Worker& w, const std::string& message) {
   if (w.error.empty()) w.error = message;
+}
+
+// ---- memory-traffic counters: evaluation ----------------------------------------------------------------------
+constexpr uintptr_t kSectorBytes = 32;
+
+void evaluate_request(const Request& r, uintptr_t pc, PerfState& perf) {
+  SiteCounters& site = perf.sites[pc];
+  site.access = r.access;
+  site.shared = r.shared;
+  ++site.requests;
+  PerfCounters& c = perf.totals;
+  if (!r.shared) {
+    // Distinct sectors touched, and distinct bytes asked for (a broadcast asks for its bytes once).
+    uintptr_t sectors[64];
+    int n_sectors = 0;
+    std::pair<uintptr_t, uintptr_t> spans[32];
+    for (uint32_t i = 0; i < r.lanes; ++i) {
+      const uintptr_t a = r.lane[i].address;
+      const uintptr_t end = a + r.lane[i].size;
+      spans[i] = {a, end};
+      for (uintptr_t s = a / kSectorBytes; s <= (end - 1) / kSectorBytes && n_sectors < 64; ++s) sectors[n_sectors++] = s;
+    }
+    std::sort(sectors, sectors + n_sectors);
+    const uint64_t distinct_sectors = static_cast<uint64_t>(std::unique(sectors, sectors + n_sectors) - sectors);
+    std::sort(spans, spans + r.lanes);
+    uint64_t bytes = 0;
+    uintptr_t covered = 0;
+    for (uint32_t i = 0; i < r.lanes; ++i) {
+      const uintptr_t from = std::max(spans[i].first, covered);
+      if (spans[i].second > from) bytes += spans[i].second - from;
+      covered = std::max(covered, spans[i].second);
+    }
+    site.sectors += distinct_sectors;
+    site.bytes += bytes;
+    switch (r.access) {
+      case Access::kLoad: ++c.load_requests, c.load_sectors += distinct_sectors, c.load_bytes += bytes; break;
+      case Access::kStore: ++c.store_requests, c.store_sectors += distinct_sectors, c.store_bytes += bytes; break;
+      case Access::kAtomic: ++c.atomic_requests, c.atomic_sectors += distinct_sectors, c.atomic_bytes += bytes; break;
+    }
+    return;
+  }
+  // Shared memory: 32 banks of 4-byte words; lanes that read the same word share it (broadcast); distinct words
+  // in one bank are served one after another (one wavefront each).
+  uintptr_t words[128];
+  int n_words = 0;
+  for (uint32_t i = 0; i < r.lanes; ++i) {
+    const uintptr_t a = r.lane[i].address;
+    for (uintptr_t wd = a / 4; wd <= (a + r.lane[i].size - 1) / 4 && n_words < 128; ++wd) words[n_words++] = wd;
+  }
+  std::sort(words, words + n_words);
+  n_words = static_cast<int>(std::unique(words, words + n_words) - words);
+  int per_bank[32] = {};
+  int wavefronts = 0;
+  for (int i = 0; i < n_words; ++i) wavefronts = std::max(wavefronts, ++per_bank[words[i] % 32]);
+  const int ideal = std::max(1, (n_words + 31) / 32);
+  const double ways = static_cast<double>(wavefronts) / ideal;
+  ++c.shared_requests;
+  c.shared_wavefronts += static_cast<uint64_t>(wavefronts);
+  c.shared_ideal_wavefronts += static_cast<uint64_t>(ideal);
+  c.shared_worst_ways = std::max(c.shared_worst_ways, ways);
+  site.wavefronts += static_cast<uint64_t>(wavefronts);
+  site.ideal += static_cast<uint64_t>(ideal);
+  site.worst_ways = std::max(site.worst_ways, ways);
+}
+
+// At a __syncthreads that every thread has reached, and at the block's end: the requests are complete.
+void flush_requests(Worker& w) {
+#if defined(CUDA_EMU_PERF)
+  for (auto& warp : w.pending) {
+    for (const auto& [key, request] : warp) evaluate_request(request, key.pc, w.perf);
+    warp.clear();
+  }
+  for (int i = 0; i < w.count; ++i) w.threads[i].executions.clear();
+#else
+  (void)w;
+#endif
 }
 
 // Computes every lane's result of a complete warp operation and releases the lanes.
@@ -600,6 +750,7 @@ void arrive_barrier(Worker& w, EmuThread& t) {
   if (w.at_barrier < n) return;
   int count = 0;
   for (int i = 0; i < n; ++i) count += w.threads[i].value != 0;
+  flush_requests(w);
   std::fill(w.lanes_at_barrier.begin(), w.lanes_at_barrier.end(), 0u);
   std::vector<int>& released = w.released;
   released.resize(static_cast<size_t>(n));
@@ -658,6 +809,7 @@ void run_block(Worker& w, Job& job, const uint3& block_idx, size_t stack_size) {
     t.ctx.grid_dim = cfg.grid;
     t.state = State::kReady;
     t.value = 0;
+    t.executions.clear();
     prepare_fiber(t, stack_size, w.stacks_dirty);
   }
   w.stacks_dirty = false;
@@ -667,6 +819,10 @@ void run_block(Worker& w, Job& job, const uint3& block_idx, size_t stack_size) {
   if (n % 32 != 0) w.lanes_present.back() = (1u << (n % 32)) - 1u;
   w.lanes_exited.assign(warps, 0u);
   w.lanes_at_barrier.assign(warps, 0u);
+#if defined(CUDA_EMU_PERF)
+  w.pending.resize(warps);
+  for (auto& warp : w.pending) warp.clear();
+#endif
   w.ready.clear();
   w.ready_head = 0;
   w.error.clear();
@@ -679,6 +835,7 @@ void run_block(Worker& w, Job& job, const uint3& block_idx, size_t stack_size) {
   // Dynamic shared memory starts as 0xFF bytes: a read before any write sees NaN / -1, not a lucky zero.
   w.dynamic_shared.assign(cfg.shared_bytes, 0xFF);
   w.static_shared_seen.clear();
+  w.static_shared_sizes.clear();
   w.static_shared_bytes = 0;
   {
     std::vector<int> all(static_cast<size_t>(n));
@@ -700,6 +857,7 @@ void run_block(Worker& w, Job& job, const uint3& block_idx, size_t stack_size) {
     }
   }
   if (w.error.empty() && w.exited < n) w.error = deadlock_report(w);
+  if (w.error.empty()) flush_requests(w);
   if (!w.error.empty()) w.stacks_dirty = true;
 }
 
@@ -818,6 +976,13 @@ class Pool {
           job->failed.store(true);
         }
       }
+#if defined(CUDA_EMU_PERF)
+      {
+        std::lock_guard<std::mutex> lock(job->mutex);
+        job->perf.merge(worker.perf);
+        worker.perf = PerfState{};
+      }
+#endif
       std::lock_guard<std::mutex> lock(mutex_);
       if (--running_ == 0) done_cv_.notify_all();
     }
@@ -874,6 +1039,7 @@ void static_shared(void* address, size_t bytes, const char* name, const Site& si
     if (seen == address) return;
   }
   w->static_shared_seen.push_back(address);
+  w->static_shared_sizes.push_back(bytes);
   w->static_shared_bytes += bytes;
   std::memset(address, 0xFF, bytes);  // like dynamic shared memory: a read before any write shows
   const Job& job = *w->job;
@@ -925,7 +1091,19 @@ int barrier(BarrierOp op, int predicate, const Site& site) {
   return static_cast<int>(t.result);
 }
 
-void launch(const LaunchConfig& config, const void* kernel_id, InvokeFn invoke, const void* closure) {
+#if defined(CUDA_EMU_PERF)
+struct StoredRecord {
+  PerfRecord record;
+  std::vector<std::pair<uintptr_t, SiteCounters>> sites;
+};
+std::mutex g_perf_mutex;
+std::vector<StoredRecord> g_perf_records;
+std::vector<PerfRecord> g_perf_flat;  // what cuda_emu_perf_records hands out
+std::string g_perf_json;
+#endif
+
+void launch(const LaunchConfig& config, const void* kernel_id, InvokeFn invoke, const void* closure,
+            size_t closure_bytes) {
   std::ostringstream at;
   at << "kernel '" << config.kernel << "' launched at " << config.file << ":" << config.line;
   const dim3& b = config.block;
@@ -980,6 +1158,7 @@ void launch(const LaunchConfig& config, const void* kernel_id, InvokeFn invoke, 
   job.kernel_id = kernel_id;
   job.invoke = invoke;
   job.closure = closure;
+  job.closure_bytes = closure_bytes;
   job.order = env_order();
   job.seed = static_cast<uint64_t>(env_long("CUDA_EMU_SEED", 1));
   job.launch_index = g_launches.fetch_add(1);
@@ -1002,7 +1181,49 @@ void launch(const LaunchConfig& config, const void* kernel_id, InvokeFn invoke, 
     log_error(job.error);
     throw Error(job.error);
   }
+#if defined(CUDA_EMU_PERF)
+  StoredRecord stored{PerfRecord{config.kernel, config.file, config.line, g.x, g.y, g.z, b.x, b.y, b.z,
+                                 job.perf.totals},
+                      {job.perf.sites.begin(), job.perf.sites.end()}};
+  std::sort(stored.sites.begin(), stored.sites.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
+  std::lock_guard<std::mutex> lock(g_perf_mutex);
+  g_perf_records.push_back(std::move(stored));
+#endif
 }
+
+#if defined(CUDA_EMU_PERF)
+namespace {
+// The callbacks of -fsanitize=thread. pc: the instrumented instruction (the callback's return address).
+inline void perf_access(const void* address, uint32_t size, Access access, uintptr_t pc) {
+  EmuThread* t = tls_emu_thread;
+  if (t == nullptr || size == 0) return;  // host code
+  Worker& w = *tls_worker;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(address);
+  if (a - reinterpret_cast<uintptr_t>(t->stack.base) < t->stack.size + Stack::page()) return;  // registers, spills
+  if (a - reinterpret_cast<uintptr_t>(w.job->closure) < w.job->closure_bytes) return;  // kernel parameters
+  bool shared = a - reinterpret_cast<uintptr_t>(w.dynamic_shared.data()) < w.dynamic_shared.size();
+  for (size_t i = 0; !shared && i < w.static_shared_seen.size(); ++i) {
+    shared = a - reinterpret_cast<uintptr_t>(w.static_shared_seen[i]) < w.static_shared_sizes[i];
+  }
+  uint32_t k = 0;
+  bool seen = false;
+  for (auto& [site, executions] : t->executions) {
+    if (site == pc) {
+      k = executions++;
+      seen = true;
+      break;
+    }
+  }
+  if (!seen) t->executions.emplace_back(pc, 1u);
+  Request& r = w.pending[static_cast<size_t>(t->linear / 32)][RequestKey{pc, k}];
+  if (r.lanes == 0) {
+    r.access = access;
+    r.shared = shared;
+  }
+  if (r.lanes < 32) r.lane[r.lanes++] = LaneAccess{a, size};
+}
+}  // namespace
+#endif
 
 }  // namespace detail
 }  // namespace cuda_emu
@@ -1115,6 +1336,83 @@ __attribute__((visibility("default"))) int cuda_emu_error_count(void) {
   std::lock_guard<std::mutex> lock(cuda_emu::detail::g_log_mutex);
   return static_cast<int>(cuda_emu::detail::g_log.size());
 }
+__attribute__((visibility("default"))) int cuda_emu_perf_enabled(void) {
+#if defined(CUDA_EMU_PERF)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+__attribute__((visibility("default"))) void cuda_emu_perf_reset(void) {
+#if defined(CUDA_EMU_PERF)
+  std::lock_guard<std::mutex> lock(cuda_emu::detail::g_perf_mutex);
+  cuda_emu::detail::g_perf_records.clear();
+#endif
+}
+
+__attribute__((visibility("default"))) int cuda_emu_perf_records(const cuda_emu::PerfRecord** records) {
+#if defined(CUDA_EMU_PERF)
+  using namespace cuda_emu::detail;
+  std::lock_guard<std::mutex> lock(g_perf_mutex);
+  g_perf_flat.clear();
+  for (const StoredRecord& r : g_perf_records) g_perf_flat.push_back(r.record);
+  *records = g_perf_flat.data();
+  return static_cast<int>(g_perf_flat.size());
+#else
+  *records = nullptr;
+  return 0;
+#endif
+}
+
+// [{kernel, file, line, grid, block, counters..., sites: [{site: "object+0xoffset", access, shared, ...}]}]
+__attribute__((visibility("default"))) const char* cuda_emu_perf_json(void) {
+#if defined(CUDA_EMU_PERF)
+  using namespace cuda_emu::detail;
+  std::lock_guard<std::mutex> lock(g_perf_mutex);
+  std::ostringstream out;
+  out << "[";
+  for (size_t i = 0; i < g_perf_records.size(); ++i) {
+    const cuda_emu::PerfRecord& r = g_perf_records[i].record;
+    const cuda_emu::PerfCounters& c = r.counters;
+    out << (i ? "," : "") << "{\"kernel\":\"";
+    for (const char* ch = r.kernel; *ch; ++ch) out << (*ch == '"' || *ch == '\\' ? "\\" : "") << *ch;
+    out << "\",\"file\":\"" << r.file << "\",\"line\":" << r.line << ",\"grid\":[" << r.grid_x << "," << r.grid_y
+        << "," << r.grid_z << "],\"block\":[" << r.block_x << "," << r.block_y << "," << r.block_z << "]"
+        << ",\"load_requests\":" << c.load_requests << ",\"load_sectors\":" << c.load_sectors
+        << ",\"load_bytes\":" << c.load_bytes << ",\"store_requests\":" << c.store_requests
+        << ",\"store_sectors\":" << c.store_sectors << ",\"store_bytes\":" << c.store_bytes
+        << ",\"atomic_requests\":" << c.atomic_requests << ",\"atomic_sectors\":" << c.atomic_sectors
+        << ",\"atomic_bytes\":" << c.atomic_bytes << ",\"shared_requests\":" << c.shared_requests
+        << ",\"shared_wavefronts\":" << c.shared_wavefronts
+        << ",\"shared_ideal_wavefronts\":" << c.shared_ideal_wavefronts
+        << ",\"shared_worst_ways\":" << c.shared_worst_ways << ",\"sites\":[";
+    bool first = true;
+    for (const auto& [pc, s] : g_perf_records[i].sites) {
+      Dl_info info{};
+      std::ostringstream where_at;
+      if (dladdr(reinterpret_cast<void*>(pc), &info) != 0 && info.dli_fname != nullptr) {
+        where_at << info.dli_fname << "+0x" << std::hex << (pc - reinterpret_cast<uintptr_t>(info.dli_fbase) - 1);
+      } else {
+        where_at << "0x" << std::hex << pc;
+      }
+      out << (first ? "" : ",") << "{\"site\":\"" << where_at.str() << "\",\"access\":\""
+          << (s.access == Access::kLoad ? "load" : s.access == Access::kStore ? "store" : "atomic")
+          << "\",\"shared\":" << (s.shared ? "true" : "false") << ",\"requests\":" << s.requests
+          << ",\"sectors\":" << s.sectors << ",\"bytes\":" << s.bytes << ",\"wavefronts\":" << s.wavefronts
+          << ",\"ideal\":" << s.ideal << ",\"worst_ways\":" << s.worst_ways << "}";
+      first = false;
+    }
+    out << "]}";
+  }
+  out << "]";
+  g_perf_json = out.str();
+  return g_perf_json.c_str();
+#else
+  return "[]";
+#endif
+}
+
 __attribute__((visibility("default"))) const char* cuda_emu_error(int i) {
   std::lock_guard<std::mutex> lock(cuda_emu::detail::g_log_mutex);
   if (i < 0 || static_cast<size_t>(i) >= cuda_emu::detail::g_log.size()) return nullptr;
@@ -1122,3 +1420,106 @@ __attribute__((visibility("default"))) const char* cuda_emu_error(int i) {
 }
 
 }  // extern "C"
+
+#if defined(CUDA_EMU_PERF)
+// ---- the -fsanitize=thread callbacks (no sanitizer runtime is linked) ------------------------------------------
+// Every instrumented access lands here; only those of CUDA threads are counted (tls_emu_thread is null in host
+// code). Atomics must still be atomic: each is done here with the compiler's builtin, sequentially consistent.
+namespace {
+using cuda_emu::detail::Access;
+#define CUDA_EMU_PC reinterpret_cast<uintptr_t>(__builtin_return_address(0))
+}  // namespace
+
+extern "C" {
+__attribute__((visibility("default"))) void cuda_emu_perf_access(const void* address, unsigned size, int store,
+                                                                  const void* pc) {
+  cuda_emu::detail::perf_access(address, size, store ? Access::kStore : Access::kLoad,
+                                reinterpret_cast<uintptr_t>(pc));
+}
+__attribute__((visibility("default"))) void __tsan_init(void) {}
+__attribute__((visibility("default"))) void __tsan_func_entry(void*) {}
+__attribute__((visibility("default"))) void __tsan_func_exit(void) {}
+__attribute__((visibility("default"))) void __tsan_vptr_update(void**, void*) {}
+__attribute__((visibility("default"))) void __tsan_vptr_read(void**) {}
+#define CUDA_EMU_TSAN_RW(n)                                                                                   \
+  __attribute__((visibility("default"))) void __tsan_read##n(void* p) {                                      \
+    cuda_emu::detail::perf_access(p, n, Access::kLoad, CUDA_EMU_PC);                                        \
+  }                                                                                                           \
+  __attribute__((visibility("default"))) void __tsan_write##n(void* p) {                                     \
+    cuda_emu::detail::perf_access(p, n, Access::kStore, CUDA_EMU_PC);                                       \
+  }                                                                                                           \
+  __attribute__((visibility("default"))) void __tsan_unaligned_read##n(void* p) {                            \
+    cuda_emu::detail::perf_access(p, n, Access::kLoad, CUDA_EMU_PC);                                        \
+  }                                                                                                           \
+  __attribute__((visibility("default"))) void __tsan_unaligned_write##n(void* p) {                           \
+    cuda_emu::detail::perf_access(p, n, Access::kStore, CUDA_EMU_PC);                                       \
+  }                                                                                                           \
+  __attribute__((visibility("default"))) void __tsan_volatile_read##n(void* p) {                             \
+    cuda_emu::detail::perf_access(p, n, Access::kLoad, CUDA_EMU_PC);                                        \
+  }                                                                                                           \
+  __attribute__((visibility("default"))) void __tsan_volatile_write##n(void* p) {                            \
+    cuda_emu::detail::perf_access(p, n, Access::kStore, CUDA_EMU_PC);                                       \
+  }
+CUDA_EMU_TSAN_RW(1)
+CUDA_EMU_TSAN_RW(2)
+CUDA_EMU_TSAN_RW(4)
+CUDA_EMU_TSAN_RW(8)
+CUDA_EMU_TSAN_RW(16)
+#undef CUDA_EMU_TSAN_RW
+__attribute__((visibility("default"))) void __tsan_read_range(void* p, unsigned long size) {
+  cuda_emu::detail::perf_access(p, static_cast<uint32_t>(size), Access::kLoad, CUDA_EMU_PC);
+}
+__attribute__((visibility("default"))) void __tsan_write_range(void* p, unsigned long size) {
+  cuda_emu::detail::perf_access(p, static_cast<uint32_t>(size), Access::kStore, CUDA_EMU_PC);
+}
+
+#define CUDA_EMU_TSAN_ATOMIC(n, T)                                                                            \
+  __attribute__((visibility("default"))) T __tsan_atomic##n##_load(const volatile T* a, int) {              \
+    cuda_emu::detail::perf_access(const_cast<const T*>(a), n / 8, Access::kLoad, CUDA_EMU_PC);              \
+    return __atomic_load_n(a, __ATOMIC_SEQ_CST);                                                              \
+  }                                                                                                           \
+  __attribute__((visibility("default"))) void __tsan_atomic##n##_store(volatile T* a, T v, int) {           \
+    cuda_emu::detail::perf_access(const_cast<const T*>(a), n / 8, Access::kStore, CUDA_EMU_PC);             \
+    __atomic_store_n(a, v, __ATOMIC_SEQ_CST);                                                                 \
+  }                                                                                                           \
+  __attribute__((visibility("default"))) T __tsan_atomic##n##_exchange(volatile T* a, T v, int) {           \
+    cuda_emu::detail::perf_access(const_cast<const T*>(a), n / 8, Access::kAtomic, CUDA_EMU_PC);            \
+    return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                                       \
+  }                                                                                                           \
+  CUDA_EMU_TSAN_FETCH(n, T, add)                                                                              \
+  CUDA_EMU_TSAN_FETCH(n, T, sub)                                                                              \
+  CUDA_EMU_TSAN_FETCH(n, T, and)                                                                              \
+  CUDA_EMU_TSAN_FETCH(n, T, or)                                                                               \
+  CUDA_EMU_TSAN_FETCH(n, T, xor)                                                                              \
+  CUDA_EMU_TSAN_FETCH(n, T, nand)                                                                             \
+  __attribute__((visibility("default"))) int __tsan_atomic##n##_compare_exchange_strong(volatile T* a, T* c, \
+                                                                                        T v, int, int) {      \
+    cuda_emu::detail::perf_access(const_cast<const T*>(a), n / 8, Access::kAtomic, CUDA_EMU_PC);            \
+    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                 \
+  }                                                                                                           \
+  __attribute__((visibility("default"))) int __tsan_atomic##n##_compare_exchange_weak(volatile T* a, T* c,   \
+                                                                                      T v, int, int) {        \
+    cuda_emu::detail::perf_access(const_cast<const T*>(a), n / 8, Access::kAtomic, CUDA_EMU_PC);            \
+    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                 \
+  }                                                                                                           \
+  __attribute__((visibility("default"))) T __tsan_atomic##n##_compare_exchange_val(volatile T* a, T c, T v,  \
+                                                                                   int, int) {                \
+    cuda_emu::detail::perf_access(const_cast<const T*>(a), n / 8, Access::kAtomic, CUDA_EMU_PC);            \
+    __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                       \
+    return c;                                                                                                 \
+  }
+#define CUDA_EMU_TSAN_FETCH(n, T, op)                                                                         \
+  __attribute__((visibility("default"))) T __tsan_atomic##n##_fetch_##op(volatile T* a, T v, int) {         \
+    cuda_emu::detail::perf_access(const_cast<const T*>(a), n / 8, Access::kAtomic, CUDA_EMU_PC);            \
+    return __atomic_fetch_##op(a, v, __ATOMIC_SEQ_CST);                                                       \
+  }
+CUDA_EMU_TSAN_ATOMIC(8, char)
+CUDA_EMU_TSAN_ATOMIC(16, short)
+CUDA_EMU_TSAN_ATOMIC(32, int)
+CUDA_EMU_TSAN_ATOMIC(64, long long)
+#undef CUDA_EMU_TSAN_FETCH
+#undef CUDA_EMU_TSAN_ATOMIC
+__attribute__((visibility("default"))) void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+__attribute__((visibility("default"))) void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+}  // extern "C"
+#endif

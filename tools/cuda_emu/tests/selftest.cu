@@ -373,6 +373,8 @@ std::vector<Case> cases() {
 
 }  // namespace
 
+int perf_calibration();  // perf_calibration.cu
+
 int main() {
   int passed = 0;
   int failed = 0;
@@ -391,6 +393,7 @@ int main() {
       std::printf("FAIL %s: %s\n", c.name, result.c_str());
     }
   }
+  failed += perf_calibration();
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

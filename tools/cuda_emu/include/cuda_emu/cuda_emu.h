@@ -55,7 +55,15 @@ struct ThreadCtx {
 // The fiber now running on this OS thread (null outside kernels). A fiber always sees itself here, so a value
 // cached across a switch is still right.
 extern thread_local const ThreadCtx* tls_thread;
-inline const ThreadCtx& current_thread() { return *tls_thread; }
+// The perf build (emu.py --variant perf) compiles the kernels with -fsanitize=thread so that every load and store
+// reports its address (runtime.cpp, "memory-traffic counters"). The emulator's own bookkeeping that kernel code
+// reads, such as the thread's indices, is no CUDA memory access: these functions are left uninstrumented (GCC
+// does not inline them into instrumented callers) and return by value, so the caller reads no runtime memory.
+#define CUDA_EMU_NOT_COUNTED __attribute__((no_sanitize_thread))
+CUDA_EMU_NOT_COUNTED inline uint3 thread_idx() { return tls_thread->thread_idx; }
+CUDA_EMU_NOT_COUNTED inline uint3 block_idx() { return tls_thread->block_idx; }
+CUDA_EMU_NOT_COUNTED inline dim3 block_dim() { return tls_thread->block_dim; }
+CUDA_EMU_NOT_COUNTED inline dim3 grid_dim() { return tls_thread->grid_dim; }
 void* block_dynamic_shared();
 
 enum class WarpOp : uint8_t { kShflIdx, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kMatchAny, kSyncWarp };
@@ -98,7 +106,9 @@ struct LaunchConfig {
   int line;
 };
 using InvokeFn = void (*)(const void* closure);
-void launch(const LaunchConfig& config, const void* kernel_id, InvokeFn invoke, const void* closure);
+// closure_bytes: the kernel parameters live there (constant memory on a GPU): the perf counters skip reads of it.
+void launch(const LaunchConfig& config, const void* kernel_id, InvokeFn invoke, const void* closure,
+            size_t closure_bytes);
 
 }  // namespace detail
 
@@ -143,10 +153,38 @@ void operator*(void (*kernel)(P...), PendingLaunch<A...>&& pending) {
         const Closure* cl = static_cast<const Closure*>(c);
         std::apply(cl->kernel, cl->params);
       },
-      &closure);
+      &closure, sizeof(closure));
 }
 
+// ---- memory-traffic counters (perf build only; runtime.cpp) ------------------------------------------------------
+// One record per kernel launch. A request is one warp-level memory instruction: the k-th execution of one load or
+// store instruction by the lanes of a warp between two __syncthreads. Sectors are 32-byte aligned segments; bytes
+// are the distinct bytes the lanes asked for. Shared memory: wavefronts = the most distinct 4-byte words that one
+// of the 32 banks must serve; ideal = distinct words / 32, rounded up (a 64- or 128-bit access needs 2 or 4).
+struct PerfCounters {
+  uint64_t load_requests, load_sectors, load_bytes;
+  uint64_t store_requests, store_sectors, store_bytes;
+  uint64_t atomic_requests, atomic_sectors, atomic_bytes;  // read-modify-write, global memory
+  uint64_t shared_requests, shared_wavefronts, shared_ideal_wavefronts;
+  double shared_worst_ways;  // the worst request's wavefronts / ideal
+};
+struct PerfRecord {
+  const char* kernel;  // as written before <<<
+  const char* file;
+  int line;
+  unsigned grid_x, grid_y, grid_z, block_x, block_y, block_z;
+  PerfCounters counters;
+};
+
 }  // namespace cuda_emu
+
+extern "C" {
+// 1 in the perf build. Records are kept from the last reset on; cuda_emu_perf_json adds per-instruction figures.
+int cuda_emu_perf_enabled(void);
+void cuda_emu_perf_reset(void);
+int cuda_emu_perf_records(const cuda_emu::PerfRecord** records);
+const char* cuda_emu_perf_json(void);
+}
 
 // The kernel-pointer overloads that cuda_runtime.h declares only for nvcc.
 template <typename... P>
@@ -160,10 +198,10 @@ inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* num_blocks
                                                          dynamic_shared_bytes);
 }
 
-#define threadIdx (::cuda_emu::detail::current_thread().thread_idx)
-#define blockIdx (::cuda_emu::detail::current_thread().block_idx)
-#define blockDim (::cuda_emu::detail::current_thread().block_dim)
-#define gridDim (::cuda_emu::detail::current_thread().grid_dim)
+#define threadIdx (::cuda_emu::detail::thread_idx())
+#define blockIdx (::cuda_emu::detail::block_idx())
+#define blockDim (::cuda_emu::detail::block_dim())
+#define gridDim (::cuda_emu::detail::grid_dim())
 constexpr int warpSize = 32;
 
 // ---- barriers and warp operations (each one a possible switch to another thread) ------------------------------
@@ -215,11 +253,36 @@ inline unsigned __match_any_sync(unsigned mask, T value, cuda_emu::Site site = c
 }
 
 // ---- memory: cached / streaming loads and stores, atomics, fences ------------------------------------------------
+#if defined(CUDA_EMU_PERF)
+extern "C" void cuda_emu_perf_access(const void* address, unsigned size, int store, const void* pc);
+namespace cuda_emu::detail {
+// A GPU moves a vector (float4, uint4) in one access; the host compiler splits the copy into its fields, which
+// the instrumentation would count as four strided requests. These report the whole vector once, as one
+// instruction of the caller (they are not inlined: the return address is the call site).
+template <typename T>
+CUDA_EMU_NOT_COUNTED __attribute__((noinline)) T counted_load(const T* p) {
+  cuda_emu_perf_access(p, sizeof(T), 0, __builtin_return_address(0));
+  T v;
+  std::memcpy(static_cast<void*>(&v), p, sizeof(T));
+  return v;
+}
+template <typename T>
+CUDA_EMU_NOT_COUNTED __attribute__((noinline)) void counted_store(T* p, const T& value) {
+  cuda_emu_perf_access(p, sizeof(T), 1, __builtin_return_address(0));
+  std::memcpy(static_cast<void*>(p), &value, sizeof(T));
+}
+}  // namespace cuda_emu::detail
+#define CUDA_EMU_LOAD_VALUE(p) ::cuda_emu::detail::counted_load(p)
+#define CUDA_EMU_STORE_VALUE(p, value) ::cuda_emu::detail::counted_store(p, value)
+#else
+#define CUDA_EMU_LOAD_VALUE(p) (*(p))
+#define CUDA_EMU_STORE_VALUE(p, value) (*(p) = (value))
+#endif
 #define CUDA_EMU_LOAD(name)                                                                \
   template <typename T>                                                                    \
   inline T name(const T* p, cuda_emu::Site site = cuda_emu::Site::current()) {             \
     cuda_emu::detail::check_aligned(p, site);                                              \
-    return *p;                                                                             \
+    return CUDA_EMU_LOAD_VALUE(p);                                                         \
   }
 CUDA_EMU_LOAD(__ldg)
 CUDA_EMU_LOAD(__ldcg)
@@ -232,7 +295,7 @@ CUDA_EMU_LOAD(__ldcv)
   template <typename T>                                                                    \
   inline void name(T* p, T value, cuda_emu::Site site = cuda_emu::Site::current()) {       \
     cuda_emu::detail::check_aligned(p, site);                                              \
-    *p = value;                                                                            \
+    CUDA_EMU_STORE_VALUE(p, value);                                                        \
   }
 CUDA_EMU_STORE(__stcg)
 CUDA_EMU_STORE(__stcs)
