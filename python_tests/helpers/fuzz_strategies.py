@@ -1,4 +1,4 @@
-"""Hypothesis strategies shared by the property-based op tests (python_tests/test_fuzz_*.py).
+"""Hypothesis strategies shared by the property-based op tests (python_tests/ops/test_fuzz_*.py).
 
 A strategy draws a *spec*: a plain dict of ints, floats and strings (shapes, dtype names, a value kind, a seed,
 special values at chosen flat positions, a memory layout). The test builds its tensors from the spec with a seeded

@@ -1,7 +1,7 @@
 """Proof that the memory-traffic report catches performance bugs: each bug below is planted in a copy of csrc/cuda
 (like tools/cuda_emu/planted.py does for correctness bugs), the copy is built with the perf variant, and the named
 op call must fail the named check of tools/cuda_emu/perf.py. Run by `make cuda-perf-planted` and by
-python_tests/test_cuda_perf.py.
+python_tests/tools/test_cuda_perf.py.
 """
 
 from __future__ import annotations
