@@ -67,7 +67,8 @@ def stage_data(work: pathlib.Path) -> dict:
     processor = build_tiny_processor(demo_vocabulary(), image_size=TASK["image_size"], save_dir=work / "init_model")
     tok = processor.tokenizer
     model = build_tiny_llava(seed=MODEL["seed"], vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
-                             pad_token_id=tok.pad_token_id, hidden=MODEL["hidden"], text_layers=MODEL["text_layers"],
+                             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, hidden=MODEL["hidden"], text_layers=MODEL["text_layers"],
                              heads=MODEL["heads"], kv_heads=MODEL["kv_heads"], image_size=TASK["image_size"],
                              vision_hidden=MODEL["vision_hidden"], vision_layers=MODEL["vision_layers"])
     model.save_pretrained(str(work / "init_model"))

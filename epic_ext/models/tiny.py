@@ -14,7 +14,8 @@ import torch
 def tiny_llava_config(*, text_layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
                       vocab_size: int = 256, image_size: int = 56, patch_size: int = 14, image_token_id: int | None = None,
                       pad_token_id: int = 0, max_positions: int = 2048, vision_hidden: int = 32,
-                      vision_layers: int = 2, vision_feature_layer: int = -1):
+                      vision_layers: int = 2, vision_feature_layer: int = -1, bos_token_id: int = 1,
+                      eos_token_id: int = 2):
     """LlavaConfig with (image_size / patch_size)^2 visual tokens per image (16 by default).
 
     vision_feature_layer: the vision tower's hidden state the projector reads (-1: the last layer's output; 0: the
@@ -27,7 +28,8 @@ def tiny_llava_config(*, text_layers: int = 4, hidden: int = 64, heads: int = 4,
                               image_size=image_size, patch_size=patch_size, projection_dim=32)
     text = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=text_layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab_size,
-                       max_position_embeddings=max_positions, pad_token_id=pad_token_id, tie_word_embeddings=False)
+                       max_position_embeddings=max_positions, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+                       eos_token_id=eos_token_id, tie_word_embeddings=False)
     image_token_id = vocab_size - 1 if image_token_id is None else image_token_id
     tokens = (image_size // patch_size) ** 2
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,

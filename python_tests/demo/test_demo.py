@@ -184,3 +184,16 @@ def test_demo_command_line_fails_fast(tmp_path, argv, message):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(errors) == 1 and errors[0].startswith(message), proc.stderr[-3000:]
     assert not (tmp_path / "out" / "epic").exists() and time.perf_counter() - started < 120
+
+
+def test_demo_model_special_token_ids_are_the_tokenizer_s():
+    """generate() on the committed model stops at the tokenizer's </s>: the config and generation config name the
+    tokenizer's own begin / end / padding ids."""
+    from transformers import AutoProcessor, GenerationConfig, LlavaConfig
+
+    tokenizer = AutoProcessor.from_pretrained(str(demo.ASSET_DIR)).tokenizer
+    config = LlavaConfig.from_pretrained(str(demo.ASSET_DIR)).text_config
+    generation = GenerationConfig.from_pretrained(str(demo.ASSET_DIR))
+    expected = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == expected
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == expected
