@@ -156,3 +156,44 @@ def test_killed_anywhere_the_same_command_finishes_the_run_exactly(assets, tmp_p
     different = [name for name in expected if not (final[name].dtype == expected[name].dtype
                                                      and final[name].equal(expected[name]))]
     assert different == []
+
+
+def run_two(assets, out_dir, extensions, *extra, kill_at=None):
+    """The same run in two processes (torchrun); with kill_at, rank 1 is killed there and torchrun stops rank 0."""
+    import socket
+
+    with socket.socket() as sock:  # torchrun's static rendezvous hangs with port 0: give it a free port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = ["--model", assets["model"], "--data", assets["data"], "--image-folder", assets["images"],
+            "--output-dir", str(out_dir), "--method", "fastv", "--layer", "1", "--min-layer", "1",
+            "--micro-batch-size", "4", "--max-length", "128", "--lr", "3e-3", "--warmup-ratio", "0",
+            "--no-freeze-vision", "--seed", "3", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_EXTENSIONS_DIR=str(extensions))
+    env.pop("EPIC_EXT_KILL_AT", None)
+    if kill_at:
+        env["EPIC_EXT_KILL_AT"] = kill_at
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={port}", "-m", "epic_ext.train", *args], env=env, capture_output=True,
+                          text=True, timeout=240, cwd=pathlib.Path(out_dir).parent)
+    assert (proc.returncode != 0) == bool(kill_at), (kill_at, proc.stdout[-3000:] + proc.stderr[-6000:])
+    return proc
+
+
+def test_a_rank_killed_while_writing_leaves_an_incomplete_checkpoint_that_resume_skips(assets, tmp_path,
+                                                                                       extensions):
+    """Rank 1 dies after DeepSpeed's files of step 2, before its own: rank 0 never marks step 2 complete (the
+    marker waits for every rank), and two processes resume from step 1 to the uninterrupted run's losses."""
+    from epic_ext.train.checkpoint import incomplete
+
+    command = ("--zero", "2", "--max-steps", "3", "--save-steps", "1", "--no-export", "--resume", "auto")
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    run_two(assets, reference, extensions, *command)
+    run_two(assets, out, extensions, *command, kill_at="checkpoint.deepspeed:2@1")
+    ckpt = out / "checkpoints"
+    assert incomplete(ckpt / "step0000001") is None and incomplete(ckpt / "step0000002") is not None
+    assert not (ckpt / "step0000002" / "epic_rank1.pt").exists()
+    proc = run_two(assets, out, extensions, *command)
+    assert f"skipped the incomplete checkpoint {ckpt / 'step0000002'}" in proc.stderr
+    assert metric_steps(out) == [1, 2, 3] and losses(out) == losses(reference)
+    assert checkpoint_dirs(out) == ["step0000002", "step0000003"]

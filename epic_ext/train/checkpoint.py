@@ -204,8 +204,9 @@ def find_checkpoint(path: pathlib.Path, auto: bool = False) -> tuple[pathlib.Pat
     if auto:
         return None
     partial = [p.name for p in _step_dirs(path)]
-    raise FileNotFoundError(f"--resume: no complete checkpoint under {path}"
-                            + (f" (incomplete: {', '.join(partial)})" if partial else ""))
+    if partial:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {path} (incomplete: {', '.join(partial)})")
+    raise FileNotFoundError(f"--resume: no checkpoint under {path}")
 
 
 def incomplete_checkpoints(root: pathlib.Path) -> list[tuple[pathlib.Path, str]]:

@@ -61,6 +61,13 @@ def _describe(pid: int) -> str:
     return f"pid {pid} ({command.strip()[:80]})"
 
 
+def _parent(pid: int) -> int | None:
+    try:
+        return int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def holders(lock: pathlib.Path) -> list[int]:
     """The processes (other than this one) with `lock` open; those of other users cannot be seen."""
     try:
@@ -140,7 +147,10 @@ def clear_stale_build_locks(root: pathlib.Path | None = None, *, min_age_s: floa
                     break
                 continue  # replaced meanwhile: look at the new one
             if busy and not said:
-                _logger.warning("waiting for the build lock %s: %s %s", lock, ", ".join(map(_describe, busy)), what)
+                # another process of this launch (same launcher) building is the normal multi-process start-up
+                siblings = all(_parent(pid) == os.getppid() for pid in busy)
+                _logger.log(logging.INFO if siblings else logging.WARNING, "waiting for the build lock %s: %s %s",
+                            lock, ", ".join(map(_describe, busy)), what)
                 said = True
             time.sleep(poll_s)
     return removed
