@@ -121,7 +121,7 @@ def test_killed_anywhere_the_same_command_finishes_the_run_exactly(assets, tmp_p
     proc = run_train(assets, out, extensions, *COMMAND, kill_at="checkpoint.files:1")
     assert (f"--resume auto: skipped the incomplete checkpoint {ckpt / 'step0000003'} (no {MARKER}, epic_run.json "
             "missing, epic_rank0.pt missing; the run was stopped while writing it): removed") in proc.stderr
-    assert incomplete(ckpt / "step0000003") == f"no {MARKER}, unfinished"
+    assert incomplete(ckpt / "step0000003") == f"no {MARKER}"
 
     # --resume naming an incomplete checkpoint: one line naming what it lacks, before DeepSpeed starts
     refused = subprocess.run(
@@ -131,9 +131,9 @@ def test_killed_anywhere_the_same_command_finishes_the_run_exactly(assets, tmp_p
         env=dict(os.environ, TORCH_EXTENSIONS_DIR=str(extensions)))
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
-    assert errors == [f"error: --resume: {ckpt / 'step0000003'} is incomplete (no {MARKER}, unfinished): the run was "
-                      "stopped while writing it; resume from an earlier checkpoint, or --resume auto to take the "
-                      "newest complete one"]
+    assert errors == [f"error: --resume: {ckpt / 'step0000003'} is incomplete (no {MARKER}; a run stopped while "
+                      "writing a checkpoint leaves it so): resume from an earlier checkpoint, or --resume auto to "
+                      "take the newest complete one"]
 
     # rotation: step 3 complete, step 1 moved aside for deletion and not yet deleted
     run_train(assets, out, extensions, *COMMAND, kill_at="checkpoint.rotate:1")

@@ -61,7 +61,7 @@ def test_what_an_incomplete_checkpoint_lacks_is_named(tmp_path):
     (step / "epic_rank0.pt").unlink()
     assert checkpoint.incomplete(step) == f"epic_rank0.pt missing or changed since {MARKER} was written"
     (step / MARKER).unlink()
-    assert checkpoint.incomplete(step) == f"no {MARKER}, unfinished, epic_rank0.pt missing"
+    assert checkpoint.incomplete(step) == f"no {MARKER}, epic_rank0.pt missing"
 
 
 def test_the_state_the_issue_found_is_incomplete(tmp_path):

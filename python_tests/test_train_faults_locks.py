@@ -12,7 +12,6 @@ import sys
 import textwrap
 import time
 
-import pytest
 
 from epic_ext.train import locks
 

@@ -153,11 +153,11 @@ def incomplete(step_dir: pathlib.Path) -> str | None:
                    if not (step_dir / name).is_file() or (step_dir / name).stat().st_size != size]
         return f"{', '.join(missing)} missing or changed since {MARKER} was written" if missing else None
     problems = []
+    unfinished = True
     try:
         record = json.loads((step_dir / RUN_FILE).read_text())
         world_size = int(record["world_size"])
-        if record.get("marker"):  # written by a writer that puts the marker last: without it, unfinished
-            problems.append("unfinished")
+        unfinished = bool(record.get("marker"))  # its writer puts the marker last: without it, unfinished
     except FileNotFoundError:
         problems.append(f"{RUN_FILE} missing")
         world_size = 1
@@ -170,14 +170,14 @@ def incomplete(step_dir: pathlib.Path) -> str | None:
             problems.append(f"{state.name} missing")
         elif state.stat().st_size == 0:
             problems.append(f"{state.name} empty")
-        elif problems:
+        elif problems or unfinished:
             continue
         else:
             try:
                 torch.load(state, weights_only=False)
             except Exception:  # noqa: BLE001 - a truncated file raises whatever the unpickler meets
                 problems.append(f"{state.name} unreadable")
-    return ", ".join([f"no {MARKER}", *problems]) if problems else None
+    return ", ".join([f"no {MARKER}", *problems]) if problems or unfinished else None
 
 
 def find_checkpoint(path: pathlib.Path, auto: bool = False) -> tuple[pathlib.Path, str] | None:
@@ -195,8 +195,9 @@ def find_checkpoint(path: pathlib.Path, auto: bool = False) -> tuple[pathlib.Pat
     if path.is_dir() and path.name.startswith("step"):
         problem = incomplete(path)
         if problem:
-            raise ValueError(f"--resume: {path} is incomplete ({problem}): the run was stopped while writing it; "
-                             f"resume from an earlier checkpoint, or --resume auto to take the newest complete one")
+            raise ValueError(f"--resume: {path} is incomplete ({problem}; a run stopped while writing a checkpoint "
+                             "leaves it so): resume from an earlier checkpoint, or --resume auto to take the newest "
+                             "complete one")
         return path.parent, path.name
     for step_dir in reversed(_step_dirs(path)):
         if incomplete(step_dir) is None:
