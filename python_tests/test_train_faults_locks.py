@@ -5,6 +5,7 @@ live process holds, or whose folder a leftover build still works in, is waited f
 from __future__ import annotations
 
 import logging
+import shutil
 import pathlib
 import signal
 import subprocess
@@ -63,11 +64,19 @@ def test_a_build_still_running_in_the_folder_is_waited_for(tmp_path, caplog):
     """kill -9 of the Python process leaves its ninja and compiler running: the lock is removed after them."""
     lock = tmp_path / "deepspeed_shm_comm" / "lock"
     assert take_lock(lock, "kill").wait(timeout=60) == -signal.SIGKILL
-    compiler = subprocess.Popen(["sleep", "2"], cwd=lock.parent)
-    with caplog.at_level(logging.WARNING, logger="epic_ext.train.locks"):
-        assert locks.clear_stale_build_locks(tmp_path, min_age_s=0, poll_s=0.1) == [lock]
-    assert compiler.poll() == 0  # removed only after the build in the folder ended
-    assert f"pid {compiler.pid} (sleep 2) still works in its folder" in caplog.text
+    ninja = tmp_path / "bin" / "ninja"  # a stand-in: a process named ninja that works for 2 s
+    ninja.parent.mkdir()
+    ninja.symlink_to(shutil.which("sleep"))
+    shell = subprocess.Popen(["sleep", "30"], cwd=lock.parent)  # someone's shell in the folder does not count
+    build = subprocess.Popen([str(ninja), "2"], cwd=lock.parent)
+    try:
+        with caplog.at_level(logging.WARNING, logger="epic_ext.train.locks"):
+            assert locks.clear_stale_build_locks(tmp_path, min_age_s=0, poll_s=0.1) == [lock]
+        assert build.poll() == 0  # removed only after the build in the folder ended
+        assert f"pid {build.pid} ({ninja} 2) still works in its folder" in caplog.text
+    finally:
+        shell.kill()
+        shell.wait()
 
 
 def test_a_fresh_lock_is_not_taken_for_a_stale_one(tmp_path):

@@ -9,7 +9,7 @@ do), so a process killed during any start-up can leave the file behind, and ever
 
 A lock file is
 - held while a live process has it open (/proc/PID/fd): a legitimate wait, reported once;
-- still in use while some process works inside its folder (a killed build's ninja and compiler run on until they
+- still in use while a ninja works inside its folder (a killed build's ninja and compilers run on until they
   finish): also waited for, reported once;
 - otherwise stale: removed, with a warning naming the file.
 A lock must also be a moment old (MIN_AGE_S) before it counts as stale, so that one created or released while it
@@ -92,16 +92,18 @@ def holders(lock: pathlib.Path) -> list[int]:
 
 
 def workers(folder: pathlib.Path) -> list[int]:
-    """The processes (other than this one) whose working directory is `folder` or below it (ninja and the
-    compiler of a build run there)."""
+    """The ninja processes (other than this one) working in `folder` or below it: torch builds with ninja, run
+    there; it outlives a killed Python process, and its compilers end with it. (Other processes there, e.g. a
+    shell someone opened in the folder, do not count.)"""
     folder = folder.resolve()
     found = []
     for pid in _pids():
         try:
             cwd = pathlib.Path(os.readlink(f"/proc/{pid}/cwd"))
+            command = pathlib.Path(f"/proc/{pid}/comm").read_text().strip()
         except OSError:
             continue
-        if cwd == folder or folder in cwd.parents:
+        if command == "ninja" and (cwd == folder or folder in cwd.parents):
             found.append(pid)
     return found
 
