@@ -14,7 +14,12 @@ start=$(date +%s)
 mkdir -p "$LINK_DIR"
 printf '%s\n' "$TORCH_SPEC" > "$LINK_DIR/constraints.txt"
 export PIP_CONSTRAINT="$PWD/$LINK_DIR/constraints.txt"
-[ -x "$LINK_DIR/venv/bin/python" ] || "$PYTHON" -m venv "$LINK_DIR/venv"
+# The venv is reused only when its creation finished (marker written last); an interrupted one is made again.
+if [ ! -f "$LINK_DIR/venv/.created" ]; then
+  rm -rf "$LINK_DIR/venv"
+  "$PYTHON" -m venv "$LINK_DIR/venv"
+  touch "$LINK_DIR/venv/.created"
+fi
 ROOT=$PWD
 VPY="$ROOT/$LINK_DIR/venv/bin/python"
 "$VPY" -m pip install -q "$TORCH_SPEC" scikit-build-core pybind11 cmake ninja numpy pytest

@@ -8,6 +8,8 @@ new release's breakage shows up before users see it).
 Each release is installed with its own dependencies into build/compat/transformers-<version>/ (pip --target) and
 put in front of the project's virtual environment with PYTHONPATH, so torch, the compiled extension and DeepSpeed
 are shared and nothing is rebuilt. numpy stays at the environment's version. A failure names the release.
+An environment is installed beside its final name and moved there with a completion marker written last, so an
+interrupted run leaves nothing half-installed under that name; a complete one of an exact release is reused.
 
 Usage: python tools/test_compat.py [--versions 5.17.0 newest] [--tests FILE ...] [-- pytest args]
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import pathlib
 import re
@@ -53,8 +56,28 @@ def pinned_version() -> str | None:
     return None
 
 
-def install(spec: str, target: pathlib.Path) -> str:
-    """pip install --target; returns the installed transformers version."""
+MARKER = ".test-compat-complete.json"  # written last into an environment: without it, it is rebuilt
+
+
+def reusable(target: pathlib.Path, spec: str, constraints: str) -> str | None:
+    """The transformers version of the environment at target, when it is complete (its marker, written last,
+    is there) and was installed for the same spec and constraints; None otherwise."""
+    try:
+        record = json.loads((target / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("spec") != spec or record.get("constraints") != constraints:
+        return None
+    if not (target / f"transformers-{record.get('version')}.dist-info").is_dir():
+        return None
+    return record["version"]
+
+
+def install(spec: str, target: pathlib.Path, reuse: bool = True) -> str:
+    """pip install --target into a staging folder beside target, a completion marker written last, then moved
+    into place: an interrupted install leaves no environment under target's name (a leftover staging folder, or
+    an environment without the marker, is removed and installed again). A complete environment of the same spec
+    and constraints is reused when `reuse`. Returns the installed transformers version."""
     constraints = target.parent / "compat-constraints.txt"
     constraints.parent.mkdir(parents=True, exist_ok=True)
     # the project's constraints minus its transformers pin, plus numpy at the environment's version (a second
@@ -62,18 +85,27 @@ def install(spec: str, target: pathlib.Path) -> str:
     lines = [line for line in (ROOT / "constraints.txt").read_text().splitlines()
              if not line.strip().startswith("transformers")]
     lines.append(f"numpy=={importlib.metadata.version('numpy')}")
-    constraints.write_text("\n".join(lines) + "\n")
-    if target.exists():
-        shutil.rmtree(target)
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target", str(target),
+    constraint_text = "\n".join(lines) + "\n"
+    if reuse and (version := reusable(target, spec, constraint_text)):
+        print(f"test-compat: reusing {target} (transformers {version}, complete)", flush=True)
+        return version
+    constraints.write_text(constraint_text)
+    staging = target.with_name(target.name + ".partial")
+    for leftover in (staging, target):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target", str(staging),
            "-c", str(constraints), spec]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"pip could not install {spec}:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
-    found = sorted(target.glob("transformers-*.dist-info"))
+    found = sorted(staging.glob("transformers-*.dist-info"))
     if not found:
-        raise RuntimeError(f"pip installed no transformers into {target}")
-    return found[0].name[len("transformers-"): -len(".dist-info")]
+        raise RuntimeError(f"pip installed no transformers into {staging}")
+    version = found[0].name[len("transformers-"): -len(".dist-info")]
+    (staging / MARKER).write_text(json.dumps({"spec": spec, "constraints": constraint_text, "version": version}))
+    os.rename(staging, target)
+    return version
 
 
 def run_tests(target: pathlib.Path, version: str, tests: list[str], pytest_args: list[str]) -> int:
@@ -113,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         print(f"test-compat: installing {spec} ({wanted}) into {target.relative_to(ROOT)}", flush=True)
         try:
-            version = install(spec, target)
+            version = install(spec, target, reuse=wanted != "newest")  # "newest" changes: asked again each time
         except RuntimeError as exc:
             print(f"test-compat: {wanted}: {exc}", flush=True)
             results.append((wanted, "?", "INSTALL FAILED", time.perf_counter() - start))

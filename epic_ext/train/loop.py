@@ -31,7 +31,7 @@ from ..distill import DistillConfig, distillation_loss, shifted_targets, visual_
 from ..models import _hf, apply_compression
 from ..models.families import parameter_parts
 from ..schedules import compression_at
-from . import checkpoint
+from . import checkpoint, faults, locks
 from .config import TrainConfig, deepspeed_config
 from .run import Run
 
@@ -54,6 +54,8 @@ def init_distributed():
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": os.environ.get("MASTER_PORT", str(free_port()))})
     use_cuda = torch.cuda.is_available()
+    faults.install()  # testing aid: EPIC_EXT_KILL_AT (epic_ext.train.faults)
+    locks.clear_stale_build_locks()  # DeepSpeed builds its ops under torch's lock files: a stale one hangs it
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -181,7 +183,7 @@ def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
             continue
         if row.get("step", 0) <= last_step:
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    checkpoint.write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _skip_check(dataset, cfg: TrainConfig, device) -> None:
@@ -210,7 +212,7 @@ def train(run: Run) -> dict:
     ckpt_root = out_dir / "checkpoints"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(cfg.to_json())
+        checkpoint.write_atomic(out_dir / "train_config.json", cfg.to_json())
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -326,6 +328,7 @@ def train(run: Run) -> dict:
                     for key, value in last.items():
                         if key != "step" and value is not None:
                             writer.add_scalar(f"train/{key}", value, step + 1)
+            faults.reached("train.step")
         done = step + 1 == total_steps
         if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or (done and cfg.save_steps):
             checkpoint.save(engine, sampler, ckpt_root, step + 1, rank, cfg.keep_checkpoints, cfg, world)
@@ -360,8 +363,12 @@ def _export(engine, handle, processor, target: pathlib.Path, cfg: TrainConfig, r
         model = engine.module
         with contextlib.suppress(AttributeError):
             model.config.use_cache = True
-        model.save_pretrained(str(target), state_dict=state_dict, safe_serialization=True)
-        processor.save_pretrained(str(target))
+        # written beside the target and moved into place when complete: a kill leaves no half-written final/
+        staging = checkpoint.staging_dir(target)
+        model.save_pretrained(str(staging), state_dict=state_dict, safe_serialization=True)
+        faults.reached("export.weights")
+        processor.save_pretrained(str(staging))
+        checkpoint.publish_dir(staging, target)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return target
