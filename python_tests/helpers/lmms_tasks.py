@@ -131,3 +131,12 @@ def run_lmms_eval(root: pathlib.Path, model: str, model_args: str, include_path:
         samples += [json.loads(line) for line in pathlib.Path(sample_file).read_text().splitlines() if line]
     samples.sort(key=lambda sample: sample["doc_id"])
     return process, results, samples
+
+
+def answers_of(samples: list[dict]) -> list[str]:
+    """The answer of each logged sample (its filtered response)."""
+    answers = []
+    for sample in samples:
+        response = sample["filtered_resps"]
+        answers.append(response if isinstance(response, str) else response[0])
+    return answers
