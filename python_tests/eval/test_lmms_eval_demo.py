@@ -149,3 +149,16 @@ def test_bad_model_argument_on_the_command_line(setup, tmp_path):
     assert process.returncode == 1 and results is None
     assert lines[-1].startswith("epic_ext model_args: method must be one of"), lines[-1]
     assert "Traceback" not in process.stderr and "Loading weights" not in process.stderr
+
+
+def test_registered_through_the_entry_point_and_imported_only_by_lmms_eval():
+    """The installed epic_ext declares the lmms_eval.models entry point; importing epic_ext (and its evaluation)
+    never imports lmms_eval."""
+    from importlib.metadata import entry_points
+
+    (entry,) = [e for e in entry_points(group="lmms_eval.models") if e.name == "epic_ext"]
+    assert entry.value == "epic_ext.lmms_eval_plugin:MANIFEST"
+    manifest = entry.load()
+    assert manifest.chat_class_path.endswith(".EpicExt") and manifest.simple_class_path.endswith(".EpicExtSimple")
+    code = "import sys, epic_ext, epic_ext.eval, epic_ext.models; assert 'lmms_eval' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -66,11 +66,12 @@ def _visual_tokens(setup) -> float:
 
 @pytest.mark.parametrize("model_args, method", [("device=cpu", "none"),
                                                 (f"method=fastv,layer={LAYER},keep={KEEP}", "fastv")])
-def test_plugin_equals_epic_ext_eval_and_batches_equal_single_samples(setup, model_args, method):
+def test_plugin_equals_epic_ext_eval_and_batched_equals_single(setup, model_args, method):
     batched_results, batched = plugin_run(setup, model_args, batch_size=N_IMAGES + 1)
-    _, single = plugin_run(setup, model_args, batch_size=1)
-    assert batched == single  # the video shares the batch with the images
-    assert batched[:N_IMAGES] == setup["rows"][method]["predictions"]
+    assert batched[:N_IMAGES] == setup["rows"][method]["predictions"]  # batched here, per sample there
+    if method == "fastv":  # the video's answer too, with compression (one more run of lmms-eval: only here)
+        _, single = plugin_run(setup, model_args, batch_size=1)
+        assert batched == single  # the video shares the batch with the images
     assert batched[N_IMAGES].strip()  # the video got an answer
     throughput = batched_results["throughput"]
     assert throughput["avg_epic_visual_tokens"] == pytest.approx(_visual_tokens(setup))
