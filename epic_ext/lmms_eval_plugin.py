@@ -273,8 +273,9 @@ def _generation_kwargs(gen_kwargs: dict, default_max_new_tokens: int) -> tuple[d
     until = kwargs.pop("until", None) or []
     until = [until] if isinstance(until, str) else list(until)
     temperature = float(kwargs.pop("temperature", 0) or 0)
-    out = {"max_new_tokens": int(kwargs.pop("max_new_tokens", None) or default_max_new_tokens),
-           "num_beams": int(kwargs.pop("num_beams", 1) or 1)}
+    max_new_tokens, num_beams = kwargs.pop("max_new_tokens", None), kwargs.pop("num_beams", None)
+    out = {"max_new_tokens": default_max_new_tokens if max_new_tokens is None else int(max_new_tokens),
+           "num_beams": 1 if num_beams is None else int(num_beams)}
     sample = bool(kwargs.pop("do_sample", False)) or temperature > 0
     top_p = kwargs.pop("top_p", None)
     out["do_sample"] = sample

@@ -108,17 +108,21 @@ def test_plugin_equals_lmms_eval_llava_wrapper_uncompressed(setup):
         setup["rows"][16]["accuracy"])
 
 
-def test_a_sample_that_cannot_be_generated_fails_the_run(setup, tmp_path):
-    """A video doc for the images-only LLaVA-1.5 model: the run stops with status 1 and a line naming the doc;
-    no results are written (lmms-eval's own LLaVA wrapper would score it as an empty answer)."""
+@pytest.mark.parametrize("plant", ["video-doc", "generate-raises"])
+def test_a_sample_that_cannot_be_generated_fails_the_run(setup, tmp_path, plant):
+    """A video doc for the images-only LLaVA-1.5 model (doc 3), or model.generate raising (num_beams 0: a
+    ZeroDivisionError inside transformers, from doc 0): the run stops with status 1 and a line naming the doc; no
+    results are written. lmms-eval's own LLaVA wrapper would score both as empty answers."""
     docs = shapes_docs(setup["records"][:3], str(setup["root"] / "data"))
-    docs.append(dict(docs[0], id="video-doc", video=write_video(tmp_path / "clip.mp4")))
-    task = write_task(tmp_path / "task", docs)
+    if plant == "video-doc":
+        docs.append(dict(docs[0], id="video-doc", video=write_video(tmp_path / "clip.mp4")))
+    task = write_task(tmp_path / "task", docs, generation={"num_beams": 0} if plant == "generate-raises" else None)
     process, results, _ = run_lmms_eval(tmp_path, "epic_ext", f"pretrained={setup['model']},device=cpu", task,
                                         batch_size=1)
     last = process.stderr.strip().splitlines()[-1]
     assert process.returncode == 1 and results is None, process.stderr[-2000:]
-    assert last.startswith("epic_ext: generation failed on epic_shapes/test doc 3: ValueError: a video sample"), last
+    expected = ("doc 3: ValueError: a video sample" if plant == "video-doc" else "doc 0: ZeroDivisionError")
+    assert last.startswith(f"epic_ext: generation failed on epic_shapes/test {expected}"), last
 
 
 @pytest.mark.parametrize("model_args, message", [

@@ -35,7 +35,7 @@ generation_kwargs:
   max_new_tokens: {max_new_tokens}
   temperature: 0
   do_sample: false
-process_results: !function utils.process_results
+{generation}process_results: !function utils.process_results
 metric_list:
   - metric: exact_match
     aggregation: mean
@@ -76,12 +76,16 @@ def shapes_docs(records: list[dict], image_folder: str) -> list[dict]:
     return docs
 
 
-def write_task(root: pathlib.Path, docs: list[dict], name: str = "epic_shapes", max_new_tokens: int = 8) -> str:
-    """Writes root/<name>.yaml, root/utils.py and root/<name>.jsonl; returns the folder for --include_path."""
+def write_task(root: pathlib.Path, docs: list[dict], name: str = "epic_shapes", max_new_tokens: int = 8,
+               generation: dict | None = None) -> str:
+    """Writes root/<name>.yaml, root/utils.py and root/<name>.jsonl; returns the folder for --include_path.
+    `generation`: more generation_kwargs."""
     root.mkdir(parents=True, exist_ok=True)
     data = root / f"{name}.jsonl"
     data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
-    (root / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data, max_new_tokens=max_new_tokens))
+    more = "".join(f"  {key}: {value}\n" for key, value in (generation or {}).items())
+    (root / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data, max_new_tokens=max_new_tokens,
+                                                        generation=more))
     (root / "utils.py").write_text(TASK_UTILS)
     return str(root)
 
