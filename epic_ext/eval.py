@@ -358,8 +358,8 @@ def compression_settings(family: Family, config, keeps: Sequence[int], *, layer:
     every kept count that compresses (for a per-image budget, counts below the model's visual tokens per image)."""
     visual = family.visual_tokens_per_image(config)
     settings = [{"method": "none", "keep": None, "layer": layer}] if baseline else []
-    settings += [{"method": method, "keep": keep, "layer": layer} for keep in keeps
-                 if visual is None or keep < visual for method in methods]
+    settings += [{"method": method, "keep": keep, "layer": layer} for method in methods for keep in keeps
+                 if visual is None or keep < visual]
     return settings
 
 
