@@ -67,6 +67,14 @@ class GenerationError(SystemExit):
     """Generation failed for a sample: ends the run naming it (the cause is logged with its traceback)."""
 
 
+class UnsupportedRequest(SystemExit):
+    """A request type the plugin does not serve (likelihood, multi-round): ends the run naming the task."""
+
+
+def _tasks_of(requests) -> str:
+    return ", ".join(sorted({str(getattr(request, "task_name", "?")) for request in requests}))
+
+
 @dataclasses.dataclass(frozen=True)
 class PluginSettings:
     """The validated model arguments."""
@@ -299,6 +307,7 @@ class EpicExt(lmms):
     """The chat model (lmms-eval's default): requests carry the doc's chat messages."""
 
     is_simple = False
+    chat_template = None  # prompts are built by epic_ext (lmms-eval logs this with --apply_chat_template)
 
     def __init__(self, **model_args) -> None:
         super().__init__()
@@ -391,11 +400,11 @@ class EpicExt(lmms):
         return results
 
     def loglikelihood(self, requests):
-        raise NotImplementedError("epic_ext: loglikelihood (multiple-choice scoring by likelihood) is not "
-                                  "supported; use the task's generate_until variant")
+        raise UnsupportedRequest(f"epic_ext: loglikelihood requests (multiple-choice scoring by likelihood; task "
+                                 f"{_tasks_of(requests)}) are not supported; use a generate_until variant of the task")
 
     def generate_until_multi_round(self, requests):
-        raise NotImplementedError("epic_ext: multi-round generation is not supported")
+        raise UnsupportedRequest(f"epic_ext: multi-round generation (task {_tasks_of(requests)}) is not supported")
 
 
 class EpicExtSimple(EpicExt):

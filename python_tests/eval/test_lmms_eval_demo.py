@@ -47,13 +47,13 @@ def setup(tmp_path_factory):
     return {"root": root, "model": str(model), "task": task, "rows": rows, "records": records, "runs": {}}
 
 
-def plugin_run(setup, name: str, model_args: str, batch_size: int = 4, model: str = "epic_ext"):
+def plugin_run(setup, name: str, model_args: str, batch_size: int = 4, model: str = "epic_ext", extra=()):
     """(results, answers) of an lmms-eval run on the task; each distinct run once per module."""
-    key = (model, model_args, batch_size)
+    key = (model, model_args, batch_size, tuple(extra))
     if key not in setup["runs"]:
         process, results, samples = run_lmms_eval(setup["root"] / name, model,
                                                   f"pretrained={setup['model']},{model_args}", setup["task"],
-                                                  batch_size=batch_size)
+                                                  batch_size=batch_size, extra=list(extra))
         assert process.returncode == 0 and results is not None, process.stderr[-3000:]
         setup["runs"][key] = results, answers_of(samples)
     return setup["runs"][key]
@@ -106,6 +106,15 @@ def test_plugin_equals_lmms_eval_llava_wrapper_uncompressed(setup):
     assert ours == theirs
     assert 100.0 * theirs_results["results"]["epic_shapes"]["exact_match,none"] == pytest.approx(
         setup["rows"][16]["accuracy"])
+
+
+def test_simple_requests_equal_chat_requests(setup):
+    """--force_simple: the plugin's simple class (context string + doc_to_visual) answers as its chat class does."""
+    results, simple = plugin_run(setup, "plugin-simple", f"method=fastv,layer={LAYER},keep={KEEP}", batch_size=4,
+                                 extra=["--force_simple"])
+    _, chat = plugin_run(setup, f"plugin-{KEEP}", f"method=fastv,layer={LAYER},keep={KEEP}", batch_size=4)
+    assert results["config"]["model_backend"] == "epic_ext.lmms_eval_plugin.EpicExtSimple (simple)"
+    assert simple == chat
 
 
 @pytest.mark.parametrize("plant", ["video-doc", "generate-raises"])
