@@ -323,9 +323,9 @@ class EpicExt(lmms):
                                             **extra)
         self.shape = cost.model_shape(config)
         self.kv_bytes = torch.empty((), dtype=self.model.dtype).element_size()
+        amount = f"keep {s.keep}" if s.keep is not None else f"ratio {s.ratio}"
         _logger.info("epic_ext: %s (%s) %s", s.pretrained, self.family.name,
-                     f"{s.method} at layer {s.layer}, " + (f"keep {s.keep}" if s.keep is not None else f"ratio {s.ratio}")
-                     if s.compressed else "uncompressed")
+                     f"{s.method} at layer {s.layer}, {amount}" if s.compressed else "uncompressed")
 
     @property
     def batch_size(self) -> int:
