@@ -8,6 +8,7 @@ PIP := $(VPY) -m pip
 PIPC := $(PIP) install -c constraints.txt
 DEPS_STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
+EVAL_STAMP := $(VENV)/.eval-stamp
 # Python files too: the editable install maps every module by name, so an added or removed module needs a reinstall.
 SOURCES := $(shell find csrc -type f) $(shell find epic_ext -name "*.py") CMakeLists.txt pyproject.toml
 PYTEST_ARGS ?=
@@ -16,8 +17,8 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
 PROFILE ?= quick
 CONSTANTS ?=
-.PHONY: all setup build test test-compat install-check fuzz demo demo-model bench ablation cuda-check cuda-emu \
-	cuda-emu-planted cuda-perf cuda-perf-planted cuda-link-check gpu-check gpu-wheels clean
+.PHONY: all setup build eval-deps test test-compat install-check fuzz demo demo-model bench ablation cuda-check \
+	cuda-emu cuda-emu-planted cuda-perf cuda-perf-planted cuda-link-check gpu-check gpu-wheels clean
 all: test
 
 $(VPY):
@@ -38,7 +39,19 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 
 build: $(BUILD_STAMP)
 
-test: build
+# The eval extra (lmms-eval and the `--model epic_ext` entry point), plus decord, which lmms-eval's own LLaVA / Qwen
+# wrappers import at module level (the plugin tests compare against them). lmms-eval requires torchvision, and the one
+# that pairs with torch 2.13.0 (0.28.0) is built against the CUDA torch: with our CPU torch it fails to import, and
+# transformers, seeing it installed, then cannot build any processor. It is removed again where it cannot import
+# (lmms-eval's core and our plugin never import it).
+$(EVAL_STAMP): pyproject.toml constraints.txt | $(BUILD_STAMP)
+	$(PIPC) --no-build-isolation -e ".[eval]" decord
+	$(VPY) -c "import torchvision" 2>/dev/null || $(PIP) uninstall -y torchvision
+	touch $@
+
+eval-deps: $(EVAL_STAMP)
+
+test: build $(EVAL_STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # The transformers-dependent tests against the lowest supported transformers and the newest one that installs

@@ -109,45 +109,99 @@ def load_items(records: Sequence[dict], image_folder: str | os.PathLike) -> list
     return collect_items(records, image_folder)[0]
 
 
-def _prompt_inputs(processor, chunk: list[dict]) -> dict:
-    """The generation inputs of a chunk of items: LLaVA-1.5's USER/ASSISTANT prompt through its processor, or the
-    chat template of a chat-template family (epic_ext.data.chat.ChatProcessor); left padded."""
+def _open_image(image):
     from PIL import Image  # noqa: PLC0415
 
-    images = [[Image.open(p).convert("RGB") for p in item["images"]] for item in chunk]
+    return image.convert("RGB") if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
+
+
+def prompt_inputs(processor, chunk: list[dict]) -> dict:
+    """The generation inputs of a chunk of items: LLaVA-1.5's ``USER: ... ASSISTANT:`` prompt through its processor,
+    or the chat template of a chat-template family (epic_ext.data.chat.ChatProcessor); left padded.
+
+    Args:
+        processor: LLaVA-1.5's processor, or a ChatProcessor.
+        chunk: items with "question" (``<image>`` / ``<video>`` placeholders where the visuals stand), "images"
+            (paths or PIL images, in placeholder order) and optionally "video" (its frames as PIL images, time
+            order) with "fps" (frames per second of those frames).
+
+    Raises:
+        ValueError: a video item for a processor or family that takes images only.
+    """
+    from .data.chat import DEFAULT_VIDEO_FPS  # noqa: PLC0415
+
+    images = [[_open_image(image) for image in item["images"]] for item in chunk]
+    has_video = [item.get("video") is not None for item in chunk]
     if hasattr(processor, "prompt_batch"):
+        if any(has_video) and not processor.videos:
+            raise ValueError("a video sample: this model family takes images only here")
+        videos = [(item["video"], float(item.get("fps") or DEFAULT_VIDEO_FPS)) if video else None
+                  for item, video in zip(chunk, has_video)]
         batch = processor.prompt_batch([[{"from": "human", "value": item["question"]}] for item in chunk], images,
-                                       padding_side="left")
+                                       padding_side="left", videos=videos)
         return {k: v for k, v in batch.items() if k not in ("labels", "ids") and v is not None}
+    if any(has_video):
+        raise ValueError("a video sample: LLaVA-1.5 takes images only")
     prompts = ["USER: " + item["question"] + " ASSISTANT:" for item in chunk]
     flat = [image for item_images in images for image in item_images]
     return dict(processor(text=prompts, images=flat or None, return_tensors="pt", padding=True))
 
 
-def _generate(model, processor, items: list[dict], batch_size: int, max_new_tokens: int, device
-              ) -> tuple[list[str], list[int]]:
-    """(answers, visual tokens of each item's prompt)."""
+@dataclasses.dataclass
+class Generated:
+    """What `generate_chunk` returns, one entry per item: the answer, the visual tokens of its prompt (before any
+    compression) and its prompt tokens (visual tokens included, padding excluded)."""
+
+    answers: list[str]
+    visual_tokens: list[int]
+    prompt_tokens: list[int]
+
+
+def generate_chunk(model, processor, chunk: list[dict], *, max_new_tokens: int, device=None,
+                   **generate_kwargs) -> Generated:
+    """Generates the answers of a chunk of items in one batch (prompt_inputs; left padded, so every row continues
+    from the last column); an answer ends at the first end-of-sequence token.
+
+    Args:
+        generate_kwargs: passed to model.generate (default greedy: do_sample=False).
+    """
+    device = device or next(model.parameters()).device
     visual_ids = torch.tensor(adapter_for(model).visual_token_ids(model.config))
     tokenizer = processor.tokenizer
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the last column
-    answers, visual_counts = [], []
     try:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            inputs = {k: v.to(device) for k, v in _prompt_inputs(processor, chunk).items()}
-            visual_counts += torch.isin(inputs["input_ids"].cpu(), visual_ids).sum(dim=1).tolist()
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-            with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            for row in out[:, inputs["input_ids"].shape[1]:].tolist():
-                if tokenizer.eos_token_id in row:  # the answer ends at the first end-of-sequence token
-                    row = row[: row.index(tokenizer.eos_token_id)]
-                answers.append(tokenizer.decode(row, skip_special_tokens=True))
+        inputs = {k: v.to(device) for k, v in prompt_inputs(processor, chunk).items()}
     finally:
         tokenizer.padding_side = old_side
+    ids = inputs["input_ids"].cpu()
+    visual_counts = torch.isin(ids, visual_ids).sum(dim=1).tolist()
+    prompt_counts = inputs["attention_mask"].sum(dim=1).tolist() if "attention_mask" in inputs else \
+        [ids.shape[1]] * ids.shape[0]
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs and inputs[key].is_floating_point():
+            inputs[key] = inputs[key].to(model.dtype)
+    generate_kwargs.setdefault("do_sample", False)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, **generate_kwargs)
+    answers = []
+    for row in out[:, ids.shape[1]:].tolist():
+        if tokenizer.eos_token_id in row:  # the answer ends at the first end-of-sequence token
+            row = row[: row.index(tokenizer.eos_token_id)]
+        answers.append(tokenizer.decode(row, skip_special_tokens=True))
+    return Generated(answers, visual_counts, prompt_counts)
+
+
+def _generate(model, processor, items: list[dict], batch_size: int, max_new_tokens: int, device
+              ) -> tuple[list[str], list[int]]:
+    """(answers, visual tokens of each item's prompt)."""
+    answers, visual_counts = [], []
+    for start in range(0, len(items), batch_size):
+        generated = generate_chunk(model, processor, items[start:start + batch_size], max_new_tokens=max_new_tokens,
+                                   device=device)
+        answers += generated.answers
+        visual_counts += generated.visual_tokens
     return answers, visual_counts
 
 

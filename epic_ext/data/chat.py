@@ -208,26 +208,35 @@ class ChatProcessor:
         visual = {"pixel_values": processed["pixel_values"].to(torch.float32), "image_grid_thw": grids}
         return visual, [int(grid.prod()) // merge ** 2 for grid in grids]
 
-    def prompt_batch(self, conversations: list[list[dict]], images: list[list], *, padding_side: str = "left"):
+    def prompt_batch(self, conversations: list[list[dict]], images: list[list], *, padding_side: str = "left",
+                     videos: list[tuple[list, float] | None] | None = None):
         """Generation inputs: each conversation (LLaVA turns ending with a human turn) rendered with the generation
-        prompt, image placeholders expanded; padded into one batch (`epic_ext.data.llava.collate` keys, labels
-        all -100).
+        prompt, image (and video) placeholders expanded; padded into one batch (`epic_ext.data.llava.collate` keys,
+        labels all -100).
 
         Args:
             conversations: per item, its LLaVA turns.
             images: per item, its PIL images (in placeholder order).
+            videos: per item, None or (its video's frames as PIL images, frames per second); see video_inputs.
         """
         from .llava import collate  # noqa: PLC0415
 
         samples = []
-        for index, (turns, item_images) in enumerate(zip(conversations, images, strict=True)):
-            text = self.render(conversation_messages(turns, len(item_images)), add_generation_prompt=True)
+        videos = videos or [None] * len(conversations)
+        for index, (turns, item_images, video) in enumerate(zip(conversations, images, videos, strict=True)):
+            text = self.render(conversation_messages(turns, len(item_images), int(video is not None)),
+                               add_generation_prompt=True)
             visual, counts = self.visual_inputs(item_images)
             text, _ = expand_placeholders(text, self.image_token, counts, [])
+            if video is not None:
+                video_visual, video_tokens = self.video_inputs(*video)
+                visual.update(video_visual)
+                text, _ = expand_placeholders(text, self.video_token, [video_tokens], [], what="videos")
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if self.layout is None:  # Qwen's M-RoPE positions read the token types
-                visual["mm_token_type_ids"] = torch.tensor([int(t == self.image_token_id) for t in ids],
-                                                           dtype=torch.int)
+                visual["mm_token_type_ids"] = torch.tensor(
+                    [1 if t == self.image_token_id else 2 if t == self.video_token_id else 0 for t in ids],
+                    dtype=torch.int)
             samples.append(dict(input_ids=torch.tensor(ids, dtype=torch.long),
                                 labels=torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long), id=index, **visual))
         return collate(samples, self.tokenizer.pad_token_id, padding_side=padding_side)

@@ -16,11 +16,12 @@ LAYERS = [
     {"epic_ext.data"},
     {"epic_ext.models"},
     {"epic_ext.cost", "epic_ext.distill", "epic_ext.cli"},
-    {"epic_ext.train", "epic_ext.eval", "epic_ext.efficiency"},
+    {"epic_ext.train", "epic_ext.eval", "epic_ext.lmms_eval_plugin", "epic_ext.efficiency"},
     {"epic_ext.demo"},
 ]
 # Same-layer imports that are refused: evaluation never pulls in the trainer.
-FORBIDDEN = {("epic_ext.eval", "epic_ext.train"), ("epic_ext.efficiency", "epic_ext.train")}
+FORBIDDEN = {("epic_ext.eval", "epic_ext.train"), ("epic_ext.lmms_eval_plugin", "epic_ext.train"),
+             ("epic_ext.efficiency", "epic_ext.train")}
 
 
 def _module_name(path: pathlib.Path) -> str:

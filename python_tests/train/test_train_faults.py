@@ -16,12 +16,12 @@ import subprocess
 import sys
 
 import pytest
-from train_assets import make_train_assets
+from helpers.train_assets import make_train_assets
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 STEPS = 6
 COMMAND = ("--zero", "2", "--max-steps", str(STEPS), "--save-steps", "1", "--keep-checkpoints", "2", "--export",
