@@ -1,5 +1,5 @@
 """Qwen2.5-VL and Qwen3-VL adapters: Qwen2_5_VLForConditionalGeneration / Qwen3VLForConditionalGeneration and their
-*Model classes (transformers 5.17 - 5.24; the transformers calling conventions used are in _hf.py's Qwen section).
+*Model classes (transformers 5.17 - 5.25; the transformers calling conventions used are in _hf.py's Qwen section).
 
 - Pre-hooked module: the Qwen2_5_VLModel / Qwen3VLModel (`model.model`), which sees `input_ids` before the vision
   features are scattered into `inputs_embeds`. Visual tokens are `image_token_id` and `video_token_id`, one kind of
