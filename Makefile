@@ -6,6 +6,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip
 PIPC := $(PIP) install -c constraints.txt
+VENV_STAMP := $(VENV)/.venv-stamp
 DEPS_STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 EVAL_STAMP := $(VENV)/.eval-stamp
@@ -21,10 +22,13 @@ CONSTANTS ?=
 	cuda-emu cuda-emu-planted cuda-perf cuda-perf-planted cuda-link-check gpu-check gpu-wheels clean
 all: test
 
-$(VPY):
+# The venv counts as made only once its stamp is written: an interrupted `python -m venv` is made again.
+$(VENV_STAMP):
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
+	touch $@
 
-$(DEPS_STAMP): constraints.txt requirements-dev.txt requirements-build.txt | $(VPY)
+$(DEPS_STAMP): constraints.txt requirements-dev.txt requirements-build.txt | $(VENV_STAMP)
 	$(PIPC) torch==2.13.0
 	$(PIPC) -r requirements-dev.txt
 	DS_BUILD_OPS=0 $(PIPC) --no-build-isolation deepspeed==0.19.8
