@@ -58,6 +58,7 @@ class TrainConfig:
     on_bad_image: str = "skip"
     max_skip_fraction: float = 0.01  # more skipped samples than this share stops the run (early and at the end)
     padding_side: str = "right"
+    group_by_length: bool = False  # modality-aware length grouping of the batches (epic_ext.train.sampling)
     save_steps: int = 0
     keep_checkpoints: int = 2
     resume: str | None = None  # a checkpoint directory, or "auto": the latest in output_dir/checkpoints
@@ -219,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "start-up (missing images, bad records, no answer) and on the samples seen at the end")
     p.add_argument("--padding-side", choices=("left", "right"), default=defaults.padding_side,
                    help="padding side of training batches")
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=defaults.group_by_length,
+                   help="batch text-only and image/video samples apart and samples of similar estimated length "
+                        "together (LLaVA's group_by_modality_length; lengths: words + the family's visual tokens "
+                        "per image): less padding; deterministic per seed and exact on resume")
     p.add_argument("--save-steps", type=int, default=defaults.save_steps, help="checkpoint every N steps (0: never)")
     p.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints,
                    help="newest checkpoints kept (0: all)")

@@ -34,6 +34,7 @@ from ..schedules import compression_at
 from . import checkpoint, faults, locks
 from .config import TrainConfig, deepspeed_config
 from .run import Run
+from .sampling import GroupedSampler, Sampler, estimate_lengths
 
 _logger = logging.getLogger(__name__)
 
@@ -76,39 +77,6 @@ def _all_reduce(value: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------ data --
-class Sampler:
-    """Deterministic epoch permutations (seed + epoch), sharded by rank; the cursor is the checkpointed position."""
-
-    def __init__(self, size: int, rank: int, world: int, seed: int):
-        if size < world:
-            raise ValueError(f"the dataset has {size} samples, fewer than the {world} processes")
-        self.size, self.rank, self.world, self.seed = size, rank, world, seed
-        self.epoch, self.offset = 0, 0
-        self._order = self._shard(0)
-
-    def _shard(self, epoch: int) -> list[int]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-        usable = self.size - self.size % self.world
-        return order[:usable][self.rank :: self.world]
-
-    def take(self, count: int) -> list[int]:
-        out = []
-        while len(out) < count:
-            if self.offset >= len(self._order):
-                self.epoch, self.offset = self.epoch + 1, 0
-                self._order = self._shard(self.epoch)
-            out.append(self._order[self.offset])
-            self.offset += 1
-        return out
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset}
-
-    def load(self, state: dict) -> None:
-        self.epoch, self.offset = state["epoch"], state["offset"]
-        self._order = self._shard(self.epoch)
-
-
 # ---------------------------------------------------------------------------------------------------- model --
 def _param_groups(model, cfg: TrainConfig) -> list[dict]:
     params = parameter_parts(model)
@@ -226,9 +194,13 @@ def train(run: Run) -> dict:
     handle = apply_compression(model, cfg.method, layer=cfg.layer, ratio=cfg.ratio)
     dataset = build_dataset(run, processor)
     pad_id = processor.tokenizer.pad_token_id
-    sampler = Sampler(len(dataset), rank, world, cfg.seed)
+    if cfg.group_by_length:  # every rank estimates the same lengths from the same records
+        lengths, multimodal = estimate_lengths(run.records, run.family.visual_tokens_per_image(model.config))
+        sampler = GroupedSampler(lengths, multimodal, rank, world, cfg.seed, cfg.micro_batch_size)
+    else:
+        sampler = Sampler(len(dataset), rank, world, cfg.seed)
     per_step = cfg.micro_batch_size * cfg.grad_accum
-    steps_per_epoch = max(len(dataset) // (per_step * world), 1)
+    steps_per_epoch = max(sampler.samples_per_epoch // per_step, 1)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(int(math.ceil(cfg.epochs * steps_per_epoch)), 1)
     schedule = run.schedule()
     if rank == 0:
@@ -289,7 +261,7 @@ def train(run: Run) -> dict:
                                 != -100).sum()) for b in micro_batches)
         global_tokens = float(_all_reduce(torch.tensor(float(local_tokens), device=device)))
         normalizer = global_tokens / (world * cfg.grad_accum)
-        sums = torch.zeros(3, device=device)
+        sums = torch.zeros(5, device=device)
         seen_tokens = 0
         own_grad_norm = None
         for batch in micro_batches:
@@ -302,7 +274,9 @@ def train(run: Run) -> dict:
             if engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
                 own_grad_norm = _global_grad_norm(engine)  # reduced gradients, before clipping and the step
             engine.step()
-            sums += torch.stack([out["sft_sum"].float(), out["kd_sum"].float(), out["tokens"].float()])
+            mask = batch["attention_mask"]
+            sums += torch.stack([out["sft_sum"].float(), out["kd_sum"].float(), out["tokens"].float(),
+                                 (mask == 0).sum().float(), torch.tensor(float(mask.numel()), device=device)])
             seen_tokens += int(batch["attention_mask"].sum())
         sums = _all_reduce(sums)
         tokens = max(float(sums[2]), 1.0)
@@ -316,7 +290,7 @@ def train(run: Run) -> dict:
                 "student_layer": comp.student_layer, "teacher_layer": comp.teacher_layer,
                 "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_s": seen_tokens * world / elapsed, "peak_memory_mb": _peak_memory_mb(device),
-                "step_time_s": elapsed}
+                "step_time_s": elapsed, "padding_fraction": float(sums[3]) / max(float(sums[4]), 1.0)}
         if rank == 0:
             progress.update(1)
             progress.set_postfix(loss=f"{last['loss']:.4f}", ratio=f"{comp.student_ratio:.2f}",

@@ -9,7 +9,7 @@ import os
 
 from ..cli import UsageError, check_skipped, load_model_config, load_records_option
 from ..compress import get_compressor
-from ..data.records import ImageLoadError, scan_records
+from ..data.records import ImageLoadError, image_names, scan_records, video_frames
 from ..models.families import TRAINABLE, family_of
 from .checkpoint import check_resume
 from .config import TrainConfig, deepspeed_config
@@ -39,6 +39,18 @@ def check_schedule(run: Run) -> None:
     except ValueError as error:
         raise UsageError(f"--schedule {run.cfg.schedule} on this model ({run.num_layers} decoder layers): "
                          f"{error}") from error
+
+
+def check_grouping(records, world_size: int, micro_batch_size: int) -> None:
+    """--group-by-length draws megabatches of one modality (world * micro-batch samples): a modality with fewer
+    records than that would never be trained on."""
+    megabatch = world_size * micro_batch_size
+    multimodal = sum(1 for r in records if image_names(r) or video_frames(r))
+    for name, count in (("text-only", len(records) - multimodal), ("image/video", multimodal)):
+        if 0 < count < megabatch:
+            raise UsageError(f"--group-by-length: {count} {name} records, fewer than one batch of their own "
+                             f"({world_size} processes x --micro-batch-size {micro_batch_size}); they would never "
+                             "be drawn: lower --micro-batch-size or leave out --group-by-length")
 
 
 def preflight(cfg: TrainConfig) -> Run:
@@ -87,6 +99,8 @@ def preflight(cfg: TrainConfig) -> Run:
         raise UsageError(f"--on-bad-image error: {error}") from error
     check_skipped(skipped, len(records), cfg.max_skip_fraction, image_folder=cfg.image_folder,
                   what="training records")
+    if cfg.group_by_length:
+        check_grouping(records, world_size, cfg.micro_batch_size)
     zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     run = Run.resolve(cfg, family=family, num_layers=num_layers, world_size=world_size, zero_stage=zero_stage,
                       records=records)
