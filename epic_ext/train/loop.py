@@ -197,6 +197,8 @@ def train(run: Run) -> dict:
     if cfg.group_by_length:  # every rank estimates the same lengths from the same records
         lengths, multimodal = estimate_lengths(run.records, run.family.visual_tokens_per_image(model.config))
         sampler = GroupedSampler(lengths, multimodal, rank, world, cfg.seed, cfg.micro_batch_size)
+        if rank == 0:
+            _logger.info("--group-by-length: %s", sampler.describe())
     else:
         sampler = Sampler(len(dataset), rank, world, cfg.seed)
     per_step = cfg.micro_batch_size * cfg.grad_accum

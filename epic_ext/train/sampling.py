@@ -149,6 +149,13 @@ class GroupedSampler(_Cursor):
                                  f"{micro_batch_size} samples: they would never be drawn")
         self._start()
 
+    def describe(self) -> str:
+        """One line for the log: the samples per modality and how many an epoch leaves out."""
+        text, multi = (len(group) for group in self.groups)
+        left_out = sum(len(group) % self.megabatch for group in self.groups)
+        return (f"{text} text-only and {multi} multimodal samples in megabatches of {self.megabatch}; "
+                f"{left_out} left out per epoch (a different set each epoch)")
+
     def megabatches(self, epoch: int) -> list[list[int]]:
         """The epoch's megabatches in drawing order, each of one modality and sorted longest first."""
         generator = torch.Generator().manual_seed(self.seed + epoch)

@@ -104,6 +104,8 @@ def test_length_spread_within_micro_batches_is_small(world):
 
 def test_deterministic_per_seed_and_different_per_epoch():
     lengths, multimodal = synthetic(97, 203, seed=3)
+    assert GroupedSampler(lengths, multimodal, 0, 3, 5, 2).describe().endswith(
+        f"{97 % 6 + 203 % 6} left out per epoch (a different set each epoch)")
     a = GroupedSampler(lengths, multimodal, 1, 3, 5, 2)
     b = GroupedSampler(lengths, multimodal, 1, 3, 5, 2)
     other_seed = GroupedSampler(lengths, multimodal, 1, 3, 6, 2)
@@ -184,6 +186,16 @@ def test_group_by_length_trains_and_resumes_exactly(mixed_assets, tmp_path):
     proc = run_train(mixed_assets, tmp_path / "cut", *args[:-1], "--resume", "auto", check=False)
     assert "--group-by-length" in one_error_line(proc)
     assert sorted(losses(tmp_path / "cut")) == list(range(1, 7))
+
+
+@pytest.mark.slow
+def test_group_by_length_with_two_processes(mixed_assets, tmp_path):
+    """Every rank estimates the same lengths and draws its slice of the same megabatches (a rank drawing from
+    another order would desynchronise the steps or hang the collectives)."""
+    run_train(mixed_assets, tmp_path, "--zero", "2", "--max-steps", "3", "--group-by-length", nproc=2)
+    rows = losses(tmp_path)
+    assert sorted(rows) == [1, 2, 3]
+    assert all(abs(row["loss"]) < 1e3 and 0.0 <= row["padding_fraction"] < 1.0 for row in rows.values())
 
 
 @pytest.mark.slow
