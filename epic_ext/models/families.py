@@ -207,7 +207,10 @@ def family_of(config, families: dict[str, Family] = TRAINABLE) -> Family:
         ValueError: an unsupported model type; the message lists the supported families.
     """
     config = getattr(config, "config", config) if isinstance(config, torch.nn.Module) else config
-    model_type = getattr(config, "model_type", None)
+    return _family_of_type(getattr(config, "model_type", None), families)
+
+
+def _family_of_type(model_type: str | None, families: dict[str, Family]) -> Family:
     if model_type not in families:
         raise ValueError(f"a {model_type!r} model is not supported; supported families (model_type): "
                          f"{describe(families)}")
@@ -221,7 +224,7 @@ def family_of_checkpoint(path: str, families: dict[str, Family] = TRAINABLE) -> 
     if os.path.isfile(config_file):
         with open(config_file, encoding="utf-8") as handle:
             model_type = json.load(handle).get("model_type")
-        return family_of(type("Config", (), {"model_type": model_type}), families)
+        return _family_of_type(model_type, families)
     from transformers import AutoConfig  # noqa: PLC0415
 
     return family_of(AutoConfig.from_pretrained(path), families)

@@ -17,6 +17,8 @@ Lengths come from `estimate_lengths`: no image is decoded and nothing is tokeniz
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from ..data.records import image_names, video_frames
@@ -64,15 +66,16 @@ def estimate_lengths(records, visual_tokens_per_image: int | None) -> tuple[list
     return lengths, multimodal
 
 
-class _Cursor:
+class _Cursor(abc.ABC):
     """The (epoch, offset) position in a rank's per-epoch order; subclasses give `_shard(epoch)`."""
 
     def _start(self) -> None:
         self.epoch, self.offset = 0, 0
         self._order = self._shard(0)
 
+    @abc.abstractmethod
     def _shard(self, epoch: int) -> list[int]:
-        raise NotImplementedError
+        """This rank's dataset indices for `epoch`, in order."""
 
     @property
     def samples_per_epoch(self) -> int:
