@@ -11,15 +11,21 @@ Supervised: the text of every gpt answer and the end-of-turn token right after i
 else. The answers are found by rendering the conversation turn by turn: the text the template adds for an answer
 is what follows the rendering of the turns before it with the generation prompt (``<|im_start|>assistant\\n``).
 
-Images go through the checkpoint's image processor (dynamic resolution: each image gets its own patch grid); each
-image placeholder the template wrote is expanded to grid_t * grid_h * grid_w / merge_size^2 copies, the rule of the
-Qwen processors (LLaVA-OneVision: anyres crops, counted in onevision.py), and the text is tokenized once with
-offsets.
+Images and videos go through the checkpoint's own processor (`AutoProcessor` from the checkpoint directory: its
+image and video processors, its placeholder expansion, its tokenizer) wherever torchvision is importable; the
+answers' spans are carried through the processor's placeholder expansion (its text replacement offsets) to the
+tokens. Without torchvision transformers cannot build the video processors (nor the torchvision image backends), and
+a fallback lays the inputs out itself, saying so once per process: the checkpoint's PIL image processor, each image
+placeholder expanded to grid_t * grid_h * grid_w / merge_size^2 copies (LLaVA-OneVision: anyres crops, counted in
+onevision.py), videos resized by the video processor's own rule (epic_ext.data.video) and, for Qwen3-VL, the
+per-frame timestamps written as its processor writes them. The torchvision test stack proves the two paths equal
+(python_tests/data/test_data_official.py; the pixel tolerance of the two backends is in docs/models.md).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -30,6 +36,22 @@ import torch
 from .llava import LlavaDataset
 from .records import IGNORE_INDEX, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, image_names, placeholder_problem
 from .records import video_frames as video_frame_names
+from .video import frame_timestamps, qwen_frame_size, resize_frames, video_settings
+
+logger = logging.getLogger(__name__)
+_FALLBACK_NOTED: set[str] = set()
+
+
+def note_fallback(what: str) -> None:
+    """Says once per process and kind of checkpoint that epic_ext's own input path is used instead of the
+    checkpoint's processor."""
+    if what in _FALLBACK_NOTED:
+        return
+    _FALLBACK_NOTED.add(what)
+    logger.warning("epic_ext: %s inputs are built by epic_ext's fallback (the "
+                   "checkpoint's PIL image processor and a re-implementation of its video processor), not by the "
+                   "checkpoint's own processor (torchvision is not importable, or the fallback was asked for); "
+                   "docs/models.md lists the measured differences", what)
 
 QWEN_IMAGE_TOKEN = "<|image_pad|>"
 QWEN_VIDEO_TOKEN = "<|video_pad|>"
@@ -41,21 +63,25 @@ DEFAULT_VIDEO_FPS = 2.0  # frames per second of a record's frame list without an
 @dataclass
 class ChatProcessor:
     """What a chat-template family needs to build samples: the tokenizer (with the chat template), the image
-    processor, and the checkpoint directory the processor files are exported from.
+    processor, the checkpoint's own processor where torchvision is importable, and the checkpoint directory the
+    processor files are exported from.
 
     Attributes:
         tokenizer: a fast tokenizer (offsets are used to find the answers).
-        image_processor: the checkpoint's image processor (pixel_values + image_grid_thw).
+        image_processor: the checkpoint's image processor (pixel_values + image_grid_thw); the official
+            processor's own on the official path.
         chat_template: the Jinja template (the tokenizer's, else the checkpoint's chat_template.jinja / .json).
         source: the checkpoint directory; `save_pretrained` copies its processor files.
         image_token: the placeholder each image's template marker holds (Qwen: ``<|image_pad|>``).
         video_token: the same for a video (Qwen: ``<|video_pad|>``).
-        videos: whether the family takes video records here (Qwen2.5-VL; not Qwen3-VL, whose prompts carry
-            per-frame timestamps this module does not write).
+        videos: whether the family takes video records.
         layout: LLaVA-OneVision's token-count rule (onevision.OnevisionLayout, from the model config); None
             for the Qwen families.
-        video_normalize: LLaVA-OneVision: image_mean / image_std of the checkpoint's video_preprocessor_config.json
-            (None: the image processor's).
+        official: the checkpoint's AutoProcessor (image and video processors, placeholder expansion); None: the
+            fallback path (no torchvision).
+        video_type: the checkpoint's video processor class (Qwen2VLVideoProcessor, Qwen3VLVideoProcessor,
+            LlavaOnevisionVideoProcessor): the fallback's resize rule and prompt.
+        video_config: the fallback's video processor settings (epic_ext.data.video.video_settings).
     """
 
     tokenizer: Any
@@ -66,26 +92,36 @@ class ChatProcessor:
     video_token: str = QWEN_VIDEO_TOKEN
     videos: bool = True
     layout: Any = None
-    video_normalize: dict | None = None
+    official: Any = None
+    video_type: str | None = None
+    video_config: dict | None = None
+
+    def __post_init__(self):
+        if self.video_type is None:
+            self.video_type = "LlavaOnevisionVideoProcessor" if self.layout is not None else "Qwen2VLVideoProcessor"
 
     @classmethod
-    def from_pretrained(cls, path: str, *, image_processor, videos: bool = True,
-                        onevision_config=None) -> ChatProcessor:
+    def from_pretrained(cls, path: str, *, image_processor=None, official=None, videos: bool = True,
+                        onevision_config=None, video_type: str | None = None) -> ChatProcessor:
         """Loads the tokenizer and chat template of a checkpoint directory. The family (epic_ext.models.families)
-        supplies what depends on it: the image processor it loaded, whether it takes video records here, and, for
-        LLaVA-OneVision, the model config its token-count layout comes from (with the video processor's
-        normalisation from video_preprocessor_config.json when the checkpoint has one).
+        supplies what depends on it: the checkpoint's AutoProcessor (`official`, where torchvision is importable)
+        or the (PIL) image processor it loaded for the fallback, whether it takes video records, its video
+        processor class and, for LLaVA-OneVision, the model config its token-count layout comes from. The fallback
+        reads the video processor's settings from the checkpoint as transformers does (epic_ext.data.video).
 
         Raises:
-            ValueError: no chat template in the checkpoint, a slow tokenizer (no offsets), or a tokenizer without
-                the image token.
+            ValueError: neither processor given, no chat template in the checkpoint, a slow tokenizer (no offsets),
+                or a tokenizer without the image token.
         """
         from transformers import AutoTokenizer  # noqa: PLC0415
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        if official is None and image_processor is None:
+            raise ValueError("ChatProcessor.from_pretrained: give the checkpoint's processor (official) or its image "
+                             "processor (image_processor, the fallback path)")
+        tokenizer = official.tokenizer if official is not None else AutoTokenizer.from_pretrained(path)
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(f"{path}: a fast tokenizer (tokenizer.json) is needed to find the answers' tokens")
-        template = getattr(tokenizer, "chat_template", None)
+        template = getattr(official, "chat_template", None) or getattr(tokenizer, "chat_template", None)
         if not template:
             for name in ("chat_template.jinja", "chat_template.json"):
                 candidate = os.path.join(path, name)
@@ -97,24 +133,23 @@ class ChatProcessor:
         if not template:
             raise ValueError(f"{path}: no chat template (tokenizer_config.json, chat_template.jinja or "
                              "chat_template.json)")
-        layout, image_token, video_token, video_normalize = None, QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, None
+        layout, image_token, video_token = None, QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN
         if onevision_config is not None:
             from .onevision import OnevisionLayout  # noqa: PLC0415
 
             layout, image_token, video_token = (OnevisionLayout.from_config(onevision_config),
                                                 ONEVISION_IMAGE_TOKEN, ONEVISION_VIDEO_TOKEN)
-            video_config = os.path.join(path, "video_preprocessor_config.json")
-            if os.path.isfile(video_config):
-                with open(video_config, encoding="utf-8") as handle:
-                    settings = json.load(handle)
-                video_normalize = {key: [float(v) for v in settings[key]] for key in ("image_mean", "image_std")
-                                   if isinstance(settings.get(key), list)}
         image_token = getattr(tokenizer, "image_token", None) or image_token
         if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
             raise ValueError(f"{path}: the tokenizer has no {image_token} token")
-        return cls(tokenizer=tokenizer, image_processor=image_processor, chat_template=template, source=path,
-                   image_token=image_token, video_token=getattr(tokenizer, "video_token", None) or video_token,
-                   videos=videos, layout=layout, video_normalize=video_normalize)
+        video_type = video_type or ("LlavaOnevisionVideoProcessor" if layout is not None else "Qwen2VLVideoProcessor")
+        video_config = video_settings(path, video_type) if official is None and videos else None
+        if official is None:
+            note_fallback(os.path.basename(os.path.normpath(path)) or path)
+        return cls(tokenizer=tokenizer, image_processor=official.image_processor if official is not None
+                   else image_processor, chat_template=template, source=path, image_token=image_token,
+                   video_token=getattr(tokenizer, "video_token", None) or video_token, videos=videos, layout=layout,
+                   official=official, video_type=video_type, video_config=video_config)
 
     def save_pretrained(self, target: str | os.PathLike) -> None:
         """Copies the checkpoint's processor files (everything but the weights and the model / generation config)
@@ -147,43 +182,157 @@ class ChatProcessor:
         return self.tokenizer.convert_tokens_to_ids(self.video_token)
 
     def video_inputs(self, frames: list, fps: float = DEFAULT_VIDEO_FPS) -> tuple[dict, int]:
-        """One video from its frames (PIL images, time order), laid out as Qwen2.5-VL's video processor lays it out:
-        every frame resized like an image (the image processor's size budget) and normalised, the frame count
-        padded to a multiple of temporal_patch_size by repeating the last frame, and each patch holding
-        temporal_patch_size consecutive frames (rows in (t, h / m, w / m, m, m) order, values (C, t, p, p)).
+        """Fallback: one video from its frames (PIL images, time order, all resized to the first's size), laid out
+        as the checkpoint's video processor lays it out: every frame resized to the size the video processor's
+        rule gives (epic_ext.data.video.qwen_frame_size, the video settings' pixel limits), rescaled and
+        normalised with the video settings by the image processor, the frame count padded to a multiple of
+        temporal_patch_size by repeating the last frame, and each patch holding temporal_patch_size consecutive
+        frames (rows in (t, h / m, w / m, m, m) order, values (C, t, p, p)).
 
         Returns:
             ({"pixel_values_videos": [t * h * w, C * tp * p * p] float32, "video_grid_thw": [1, 3] int64,
-            "second_per_grid_ts": [1] float32 (tp / fps)}, the video's visual tokens t * h * w / merge_size^2).
-            LLaVA-OneVision: see onevision.onevision_video_inputs (fps unused).
+            "second_per_grid_ts": [1] float32 (tp / fps; Qwen2.5-VL only)}, the video's visual tokens
+            t * h * w / merge_size^2). LLaVA-OneVision: see onevision.onevision_video_inputs (fps unused).
         """
+        if not frames:
+            raise ValueError("video_inputs: a video needs at least one frame")
+        frames = same_size(frames)
+        settings = self.video_config or video_settings(self.source, self.video_type)
         if self.layout is not None:
             from .onevision import onevision_video_inputs  # noqa: PLC0415
 
-            return onevision_video_inputs(self.image_processor, self.layout, frames, self.video_normalize)
-        if not frames:
-            raise ValueError("video_inputs: a video needs at least one frame")
+            return onevision_video_inputs(self.image_processor, self.layout, frames, settings)
         if not fps > 0:
             raise ValueError(f"video_inputs: fps must be > 0, got {fps}")
-        size = frames[0].size
-        frames = [frame if frame.size == size else frame.resize(size) for frame in frames]
-        temporal = int(self.image_processor.temporal_patch_size)
+        temporal, patch, merge = (int(settings[key]) for key in ("temporal_patch_size", "patch_size", "merge_size"))
+        width, height = frames[0].size
+        height, width = qwen_frame_size(len(frames), height, width, settings,
+                                        settings.get("video_processor_type", self.video_type))
+        frames = resize_frames(frames, height, width, settings["resample"])
         frames = frames + [frames[-1]] * (-len(frames) % temporal)
-        per_frame, _ = self.visual_inputs(frames)  # each frame as an image: patches repeat it temporal times
+        per_frame = self.image_processor(  # each frame as an image: its patches repeat it temporal times
+            images=frames, do_resize=False, image_mean=settings["image_mean"], image_std=settings["image_std"],
+            rescale_factor=settings["rescale_factor"], patch_size=patch, merge_size=merge,
+            temporal_patch_size=temporal, return_tensors="pt")
         grid = per_frame["image_grid_thw"][0]
         rows = int(grid[1] * grid[2])
         channels_time_patch = per_frame["pixel_values"].shape[1]  # C * t * p * p, stored as (C, t, p, p)
-        pixels = int(self.image_processor.patch_size) ** 2
-        channels = channels_time_patch // (temporal * pixels)
-        patches = per_frame["pixel_values"].view(len(frames), rows, channels, temporal, pixels)
+        channels = channels_time_patch // (temporal * patch * patch)
+        patches = per_frame["pixel_values"].view(len(frames), rows, channels, temporal, patch * patch)
         first_slot = patches[:, :, :, 0]  # [T, rows, C, p * p]: the frame itself
         groups = first_slot.view(len(frames) // temporal, temporal, rows, channels, -1)
         video = groups.permute(0, 2, 3, 1, 4).reshape(len(frames) // temporal * rows, channels_time_patch)
         video_grid = torch.tensor([[len(frames) // temporal, int(grid[1]), int(grid[2])]], dtype=torch.long)
-        merge = self.image_processor.merge_size
-        return ({"pixel_values_videos": video.contiguous(), "video_grid_thw": video_grid,
-                 "second_per_grid_ts": torch.tensor([temporal / fps], dtype=torch.float32)},
-                int(video_grid.prod()) // merge ** 2)
+        visual = {"pixel_values_videos": video.to(torch.float32).contiguous(), "video_grid_thw": video_grid}
+        if not self.timestamps:
+            visual["second_per_grid_ts"] = torch.tensor([temporal / fps], dtype=torch.float32)
+        return visual, int(video_grid.prod()) // merge ** 2
+
+    @property
+    def timestamps(self) -> bool:
+        """Whether the prompt writes each temporal patch's time (Qwen3-VL)."""
+        return self.video_type == "Qwen3VLVideoProcessor"
+
+    def video_text(self, grid_thw, frames: int, fps: float) -> str:
+        """Fallback, Qwen3-VL: the text its processor writes for a video: per temporal patch
+        ``<t seconds><|vision_start|>`` + the patch's tokens + ``<|vision_end|>`` (times from
+        epic_ext.data.video.frame_timestamps, one decimal)."""
+        grid = [int(v) for v in grid_thw]
+        settings = self.video_config or video_settings(self.source, self.video_type)
+        start, end = self.vision_markers
+        per_frame = self.video_token * (grid[1] * grid[2] // int(settings["merge_size"]) ** 2)
+        times = frame_timestamps(frames, fps, int(settings["temporal_patch_size"]))
+        return "".join(f"<{time:.1f} seconds>{start}{per_frame}{end}" for time in times[: grid[0]])
+
+    @property
+    def vision_markers(self) -> tuple[str, str]:
+        return (getattr(self.tokenizer, "vision_start_token", None) or "<|vision_start|>",
+                getattr(self.tokenizer, "vision_end_token", None) or "<|vision_end|>")
+
+    def encode(self, text: str, spans: list[tuple[int, int]], images: list,
+               video: tuple[list, float] | None = None) -> tuple[list[int], list, list[tuple[int, int]], str, dict]:
+        """One rendered conversation with its visual inputs: (input_ids, their character offsets in the expanded
+        text, the answer `spans` moved into it, the expanded text, the visual tensors).
+
+        The official processor expands the placeholders and processes the images and the video itself; the
+        fallback does it as described in the module docstring.
+
+        Args:
+            text: the template's rendering (one placeholder per image and video).
+            spans: character spans in `text` (the answers), carried into the expanded text.
+            images: PIL images in placeholder order.
+            video: None or (frames as PIL images, frames per second).
+        """
+        if self.official is not None:
+            return self._official_encode(text, spans, images, video)
+        visual, counts = self.visual_inputs(images)
+        text, spans = expand_placeholders(text, self.image_token, [self.image_token * n for n in counts], spans)
+        video_texts = []
+        if video is not None:
+            frames, fps = video
+            video_visual, video_count = self.video_inputs(frames, fps)
+            visual.update(video_visual)
+            video_texts = [self.video_text(video_visual["video_grid_thw"][0], len(frames), fps) if self.timestamps
+                           else self.video_token * video_count]
+        wrapper = "".join((self.vision_markers[0], self.video_token, self.vision_markers[1]))
+        text, spans = expand_placeholders(text, self.video_token, video_texts, spans, what="videos",
+                                          wrapper=wrapper if self.timestamps else None)
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = list(encoded["input_ids"])
+        if self.layout is None:  # Qwen's M-RoPE positions read the token types
+            visual["mm_token_type_ids"] = torch.tensor(
+                [1 if t == self.image_token_id else 2 if t == self.video_token_id else 0 for t in input_ids],
+                dtype=torch.int)
+        return input_ids, list(encoded["offset_mapping"]), spans, text, visual
+
+    def _official_encode(self, text, spans, images, video):
+        kwargs = {"text": [text], "return_tensors": "pt", "return_offsets_mapping": True,
+                  "return_text_replacement_offsets": True}
+        if images:
+            kwargs["images"] = [image.convert("RGB") for image in images]
+        if video is not None:
+            frames, fps = video
+            if not frames:
+                raise ValueError("a video needs at least one frame")
+            if not fps > 0:
+                raise ValueError(f"a video's fps must be > 0, got {fps}")
+            frames = [frame.convert("RGB") for frame in same_size(frames)]
+            kwargs.update(videos=[frames], do_sample_frames=False, video_metadata=[
+                {"total_num_frames": len(frames), "fps": float(fps), "frames_indices": list(range(len(frames)))}])
+        out = self.official(**kwargs)
+        replacements = out.pop("text_replacement_offsets")[0]
+        pieces, position = [], 0
+        for replacement in replacements:
+            pieces += [text[position:replacement["span"][0]], replacement["replacement"]]
+            position = replacement["span"][1]
+        expanded = "".join(pieces) + text[position:]
+
+        def moved(offset: int) -> int:
+            for replacement in replacements:
+                if replacement["span"][0] < offset < replacement["span"][1]:
+                    raise ValueError("an answer overlaps a visual placeholder")
+            before = [r for r in replacements if r["span"][1] <= offset]
+            return offset if not before else offset - before[-1]["span"][1] + before[-1]["new_span"][1]
+
+        input_ids = out.pop("input_ids")[0].tolist()
+        offsets = [tuple(pair) for pair in out.pop("offset_mapping")[0].tolist()]
+        out.pop("attention_mask", None)
+        visual = {}
+        for key, value in out.items():
+            if key == "mm_token_type_ids":
+                value = torch.as_tensor(value)[0].to(torch.int)
+            elif key == "second_per_grid_ts":
+                value = torch.as_tensor(value, dtype=torch.float32)
+            elif torch.is_tensor(value) and value.is_floating_point():
+                value = value.to(torch.float32)
+            visual[key] = value
+        if self.layout is not None and "pixel_values" not in visual:
+            visual.update(pixel_values=None, image_sizes=None, batch_num_images=torch.zeros(1, dtype=torch.long))
+        elif self.layout is not None:
+            visual.setdefault("batch_num_images", torch.tensor([len(images)], dtype=torch.long))
+        if self.layout is None and "pixel_values" not in visual:
+            visual.update(pixel_values=None, image_grid_thw=None)
+        return input_ids, offsets, [(moved(a), moved(b)) for a, b in spans], expanded, visual
 
     def visual_inputs(self, images: list) -> tuple[dict, list[int]]:
         """({"pixel_values": [n_patches, C*t*p*p] float32, "image_grid_thw": [n, 3] int64} (None without images),
@@ -226,17 +375,7 @@ class ChatProcessor:
         for index, (turns, item_images, video) in enumerate(zip(conversations, images, videos, strict=True)):
             text = self.render(conversation_messages(turns, len(item_images), int(video is not None)),
                                add_generation_prompt=True)
-            visual, counts = self.visual_inputs(item_images)
-            text, _ = expand_placeholders(text, self.image_token, counts, [])
-            if video is not None:
-                video_visual, video_tokens = self.video_inputs(*video)
-                visual.update(video_visual)
-                text, _ = expand_placeholders(text, self.video_token, [video_tokens], [], what="videos")
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if self.layout is None:  # Qwen's M-RoPE positions read the token types
-                visual["mm_token_type_ids"] = torch.tensor(
-                    [1 if t == self.image_token_id else 2 if t == self.video_token_id else 0 for t in ids],
-                    dtype=torch.int)
+            ids, _, _, _, visual = self.encode(text, [], item_images, video)
             samples.append(dict(input_ids=torch.tensor(ids, dtype=torch.long),
                                 labels=torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long), id=index, **visual))
         return collate(samples, self.tokenizer.pad_token_id, padding_side=padding_side)
@@ -306,28 +445,40 @@ def answer_spans(processor: ChatProcessor, messages: list[dict]) -> tuple[str, l
     return text, spans
 
 
-def expand_placeholders(text: str, token: str, counts: list[int], spans: list[tuple[int, int]],
-                        what: str = "images") -> tuple[str, list[tuple[int, int]]]:
-    """Replaces the i-th `token` in text by counts[i] copies; returns the new text and the spans moved with it.
+def expand_placeholders(text: str, token: str, replacements: list[str], spans: list[tuple[int, int]],
+                        what: str = "images", wrapper: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """Replaces the i-th `token` in text (the i-th `wrapper` around it, where given and present: Qwen3-VL's video
+    markers, which its per-frame text replaces) by replacements[i]; returns the new text and the spans moved with
+    it.
 
     Raises:
-        ValueError: the text holds another number of `token` than len(counts).
+        ValueError: the text holds another number of `token` than len(replacements).
     """
     found = text.count(token)
-    if found != len(counts):
-        raise ValueError(f"the chat template wrote {found} {token} placeholders for {len(counts)} {what}")
+    if found != len(replacements):
+        raise ValueError(f"the chat template wrote {found} {token} placeholders for {len(replacements)} {what}")
     pieces, shifts, position = [], [], 0
-    for count in counts:
-        at = text.index(token, position)
-        pieces += [text[position:at], token * count]
-        shifts.append((at, len(token) * (count - 1)))
-        position = at + len(token)
+    for replacement in replacements:
+        at, length = text.index(token, position), len(token)
+        if wrapper is not None:
+            outer = at - wrapper.index(token)
+            if outer >= position and text.startswith(wrapper, outer):
+                at, length = outer, len(wrapper)
+        pieces += [text[position:at], replacement]
+        shifts.append((at, len(replacement) - length))
+        position = at + length
     pieces.append(text[position:])
 
     def moved(offset: int) -> int:
         return offset + sum(shift for at, shift in shifts if at < offset)
 
     return "".join(pieces), [(moved(start), moved(end)) for start, end in spans]
+
+
+def same_size(frames: list) -> list:
+    """A video's frames, every one at the first frame's size (a video is one array)."""
+    size = frames[0].size
+    return [frame if frame.size == size else frame.resize(size) for frame in frames]
 
 
 class ChatDataset(LlavaDataset):
@@ -367,16 +518,8 @@ class ChatDataset(LlavaDataset):
         images, frames = images[:n_images], images[n_images:]  # _image_paths: the images, then the video frames
         messages = conversation_messages(record["conversations"], len(images), int(bool(frames)))
         text, spans = answer_spans(self.processor, messages)
-        visual, counts = self.processor.visual_inputs(images)
-        text, spans = expand_placeholders(text, self.image_token, counts, spans)
-        video_counts = []
-        if frames:
-            video, video_tokens = self.processor.video_inputs(frames, float(record.get("fps", DEFAULT_VIDEO_FPS)))
-            visual.update(video)
-            video_counts = [video_tokens]
-        text, spans = expand_placeholders(text, self.processor.video_token, video_counts, spans, what="videos")
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        input_ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
+        video = (frames, float(record.get("fps", DEFAULT_VIDEO_FPS))) if frames else None
+        input_ids, offsets, spans, text, visual = self.processor.encode(text, spans, images, video)
         labels = [IGNORE_INDEX] * len(input_ids)
         added = set(self.tokenizer.get_added_vocab().values()) | set(self.tokenizer.all_special_ids)
         for start, end in spans:
@@ -387,11 +530,6 @@ class ChatDataset(LlavaDataset):
                                  f"({text[end:end + 20]!r} follows it)")
             for i in [*inside, after]:
                 labels[i] = input_ids[i]
-        video_id = self.processor.video_token_id
-        if self.processor.layout is None:  # Qwen's M-RoPE positions read the token types
-            token_types = [1 if token == self.image_token_id else 2 if token == video_id else 0
-                           for token in input_ids]
-            visual["mm_token_type_ids"] = torch.tensor(token_types, dtype=torch.int)
         return input_ids, labels, visual
 
     def __getitem__(self, index: int) -> dict | None:

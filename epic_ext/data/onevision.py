@@ -130,25 +130,37 @@ def pad_crops(pixel_values: list[torch.Tensor]) -> torch.Tensor:
 
 
 def onevision_video_inputs(image_processor, layout: OnevisionLayout, frames: list,
-                           normalize: dict | None = None) -> tuple[dict, int]:
-    """One video (PIL frames, time order) as LLaVA-OneVision's video path reads it: every frame resized to one
-    crop (S x S, aspect not kept, as the video processor's fixed size does), rescaled and normalised, the frames
-    stacked; the model pools each frame's g x g features to ceil(g / 2)^2 and appends one newline slot per video.
+                           settings: dict | None = None) -> tuple[dict, int]:
+    """Fallback: one video (PIL frames, time order) as LLaVA-OneVision's video processor lays it out: every frame
+    resized to its fixed size (aspect not kept; PIL, its resample filter), rescaled and normalised with its mean /
+    std, the frames stacked; the model pools each frame's g x g features to ceil(g / 2)^2 and appends one newline
+    slot per video.
 
     Args:
-        image_processor: the PIL OneVision image processor (its resize / rescale; the frame is its base crop).
+        image_processor: the PIL OneVision image processor (rescale and normalisation of one base crop).
         layout: the model's layout.
         frames: PIL images.
-        normalize: {"image_mean": ..., "image_std": ...} of the checkpoint's video processor, when it has one
-            (the image processor's otherwise).
+        settings: the checkpoint's video processor settings (epic_ext.data.video.video_settings); None: the
+            image processor's normalisation at the model's crop size.
 
     Returns:
         ({"pixel_values_videos": [1, frames, C, S, S] float32}, the video's `<video>` tokens).
+
+    Raises:
+        ValueError: no frames, or a video processor size other than the model's crop.
     """
+    from .video import resize_frames  # noqa: PLC0415
+
     if not frames:
         raise ValueError("onevision_video_inputs: a video needs at least one frame")
-    processed = image_processor(images=list(frames), return_tensors="pt",
-                                image_grid_pinpoints=[[layout.crop, layout.crop]], **(normalize or {}))
+    settings = settings or {}
+    size = settings.get("size") or {"height": layout.crop, "width": layout.crop}
+    if (size.get("height"), size.get("width")) != (layout.crop, layout.crop):
+        raise ValueError(f"the video processor's size {size} is not the model's crop ({layout.crop} px)")
+    frames = resize_frames(list(frames), layout.crop, layout.crop, settings.get("resample", 3))
+    normalize = {key: settings[key] for key in ("image_mean", "image_std", "rescale_factor") if key in settings}
+    processed = image_processor(images=frames, return_tensors="pt", image_grid_pinpoints=[[layout.crop, layout.crop]],
+                                **normalize)
     base = processed["pixel_values"][:, 0].to(torch.float32)  # each frame's base crop: the frame at S x S
     pooled = math.ceil(layout.grid / 2)
     return {"pixel_values_videos": base[None].contiguous()}, len(frames) * pooled * pooled + 1

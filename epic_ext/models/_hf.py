@@ -330,16 +330,44 @@ def qwen_rope_deltas(model_module) -> torch.Tensor | None:
 
 
 # ------------------------------------------------------------------------------------------- image processors --
-def image_processor_from_pretrained(path: str):
+_TORCHVISION: list[bool] = []
+
+
+def torchvision_available() -> bool:
+    """Whether torchvision imports and registers its ops here (the index's torchvision built against a CUDA torch
+    imports with a CPU torch but fails: `operator torchvision::nms does not exist`). transformers builds the video
+    processors and the torchvision image backends only with it."""
+    if not _TORCHVISION:
+        try:
+            import torchvision  # noqa: F401, PLC0415
+
+            _TORCHVISION.append(True)
+        except Exception:  # noqa: BLE001 - RuntimeError from a torchvision built for another torch, ImportError
+            _TORCHVISION.append(False)
+    return _TORCHVISION[0]
+
+
+def auto_processor(path: str, pil: bool = False):
+    """The checkpoint's AutoProcessor; `pil`: with its image processor's PIL backend (the fallback path, and
+    every processor without torchvision) instead of the torchvision one."""
+    transformers = _modules()["transformers"]
+    if pil and torchvision_available():
+        return transformers.AutoProcessor.from_pretrained(path, backend="pil")
+    return transformers.AutoProcessor.from_pretrained(path)
+
+
+def image_processor_from_pretrained(path: str, pil: bool = False):
     """The checkpoint's image processor. AutoImageProcessor picks the PIL backend by itself when torchvision is
     missing from 5.24 on; 5.17's AutoImageProcessor raises ImportError there, while the top-level class named by
     preprocessor_config.json's `image_processor_type` (e.g. Qwen2VLImageProcessor) falls back to its PIL twin in
-    both releases."""
+    both releases. `pil`: its PIL backend even where torchvision is importable (the fallback path)."""
     import json  # noqa: PLC0415
     import os  # noqa: PLC0415
 
     transformers = _modules()["transformers"]
     try:
+        if pil and torchvision_available():
+            return transformers.AutoImageProcessor.from_pretrained(path, backend="pil")
         return transformers.AutoImageProcessor.from_pretrained(path)
     except ImportError:
         config_file = os.path.join(path, "preprocessor_config.json")

@@ -35,21 +35,51 @@ class LMShape:
     family: str = "llava"  # the transformers model_type of the multimodal model
 
 
-def _llava_processor(family: Family, path: str):
-    from transformers import AutoProcessor  # noqa: PLC0415
-
-    return AutoProcessor.from_pretrained(path)
+BACKENDS = ("auto", "official", "fallback")
 
 
-def _chat_processor(family: Family, path: str):
+def _official(backend: str) -> bool:
+    """Whether inputs come from the checkpoint's own processor: "auto" where torchvision is importable."""
+    from . import _hf  # noqa: PLC0415
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "official" and not _hf.torchvision_available():
+        raise ValueError("backend='official' needs an importable torchvision (the checkpoints' video processors and "
+                         "torchvision image backends need it)")
+    return backend == "official" or (backend == "auto" and _hf.torchvision_available())
+
+
+def _llava_processor(family: Family, path: str, backend: str = "auto"):
+    """The checkpoint's AutoProcessor (LlavaProcessor / LlavaNextProcessor): its torchvision image backend where
+    torchvision is importable; the fallback asks for its PIL backend."""
+    from . import _hf  # noqa: PLC0415
+
+    return _hf.auto_processor(path, pil=not _official(backend))
+
+
+def _chat_processor(family: Family, path: str, backend: str = "auto"):
+    """A ChatProcessor around the checkpoint's AutoProcessor (torchvision importable), or the fallback's (the PIL
+    image processor, the video processor re-implemented in epic_ext.data.video)."""
     from transformers import AutoConfig  # noqa: PLC0415
 
     from ..data.chat import ChatProcessor  # noqa: PLC0415
     from . import _hf  # noqa: PLC0415
 
     config = AutoConfig.from_pretrained(path) if family.anyres_layout else None
-    return ChatProcessor.from_pretrained(path, image_processor=_hf.image_processor_from_pretrained(path),
-                                         videos=family.videos, onevision_config=config)
+    if _official(backend):
+        official = _hf.auto_processor(path, pil=False)
+        missing = [part for part in ("image_processor", "tokenizer") + (("video_processor",) if family.videos else ())
+                   if getattr(official, part, None) is None]
+        if missing:
+            raise ValueError(f"{path}: AutoProcessor built a {type(official).__name__} without {', '.join(missing)}: "
+                             "the checkpoint lacks its processor_config.json (processor_class) or "
+                             "preprocessor_config.json")
+        return ChatProcessor.from_pretrained(path, official=official,
+                                             videos=family.videos, onevision_config=config,
+                                             video_type=family.video_type)
+    return ChatProcessor.from_pretrained(path, image_processor=_hf.image_processor_from_pretrained(path, pil=True),
+                                         videos=family.videos, onevision_config=config, video_type=family.video_type)
 
 
 def _llava_dataset(records, image_folder, processor, **kwargs):
@@ -74,7 +104,8 @@ class Family:
         model_type: config.json's `model_type`.
         model_class: the transformers *ForConditionalGeneration class name.
         adapter: the module of epic_ext.models that registers its FamilyAdapter.
-        processor_factory: (family, checkpoint path) -> the processor training and evaluation build inputs with.
+        processor_factory: (family, checkpoint path, backend) -> the processor training and evaluation build
+            inputs with (backend: "auto", "official" or "fallback", see load_processor).
         dataset_factory: (records, image_folder, processor, **options) -> the training dataset; None: the family
             cannot be trained yet.
         per_image_budget: True: every image gives config.image_seq_length visual tokens, so `keep` can default to
@@ -83,6 +114,7 @@ class Family:
         videos: training and evaluation take records with a ``video`` (frame list).
         uniform_video_frames: a batch holds videos of one frame count only (LLaVA-OneVision).
         anyres_layout: its processor needs the model config's anyres layout (LLaVA-OneVision).
+        video_type: its video processor class (the fallback's resize rule and prompt, epic_ext.data.video).
         shapes: built-in language-model shapes of released checkpoints (epic_ext.cost, `python -m
             epic_ext.efficiency --model NAME`).
         tiny: the builder in epic_ext.models.tiny of a tiny random model of the family (tests, CPU smoke runs).
@@ -100,6 +132,7 @@ class Family:
     videos: bool = False
     uniform_video_frames: bool = False
     anyres_layout: bool = False
+    video_type: str | None = None
     shapes: tuple[LMShape, ...] = field(default=())
 
     @property
@@ -112,10 +145,16 @@ class Family:
 
         return getattr(transformers, self.model_class).from_pretrained(path, dtype=dtype, **kwargs)
 
-    def load_processor(self, path: str):
-        """The processor of the checkpoint at `path` (LlavaProcessor, or a ChatProcessor for chat-template
-        families)."""
-        return self.processor_factory(self, path)
+    def load_processor(self, path: str, backend: str = "auto"):
+        """The processor of the checkpoint at `path` (its AutoProcessor for LLaVA-1.5 / NeXT, a ChatProcessor for
+        the chat-template families).
+
+        Args:
+            backend: "official": the checkpoint's own processor (AutoProcessor with its torchvision image and video
+                processors; needs torchvision); "fallback": epic_ext's path without torchvision (PIL image
+                processor, video processor re-implemented); "auto": official where torchvision is importable.
+        """
+        return self.processor_factory(self, path, backend)
 
     def dataset(self, records, image_folder, processor, **kwargs):
         """The family's training dataset (epic_ext.data.llava.LlavaDataset or epic_ext.data.chat.ChatDataset).
@@ -175,17 +214,16 @@ LLAVA_NEXT = Family("llava_next", "LLaVA-NeXT", "llava_next", "LlavaNextForCondi
 LLAVA_ONEVISION = Family("llava_onevision", "LLaVA-OneVision", "llava_onevision",
                          "LlavaOnevisionForConditionalGeneration", adapter="llava_onevision", processor_factory=_chat_processor, dataset_factory=_chat_dataset,
                          per_image_budget=False, tiny="llava_onevision", videos=True, uniform_video_frames=True,
-                         anyres_layout=True,
+                         anyres_layout=True, video_type="LlavaOnevisionVideoProcessor",
                          shapes=(LMShape("llava-onevision-7b", 28, 3584, 18944, 28, 4, 128, 152128, 3699,
                                          "llava_onevision"),))
 QWEN2_5_VL = Family("qwen2_5_vl", "Qwen2.5-VL", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
                     adapter="qwen_vl", processor_factory=_chat_processor, dataset_factory=_chat_dataset, per_image_budget=False,
-                    tiny="qwen2_5_vl", videos=True,
+                    tiny="qwen2_5_vl", videos=True, video_type="Qwen2VLVideoProcessor",
                     shapes=(LMShape("qwen2.5-vl-7b", 28, 3584, 18944, 28, 4, 128, 152064, 1296, "qwen2_5_vl"),))
-# Qwen3-VL video records need per-frame timestamp prompts, not written yet: videos=False.
 QWEN3_VL = Family("qwen3_vl", "Qwen3-VL", "qwen3_vl", "Qwen3VLForConditionalGeneration", adapter="qwen_vl",
                   processor_factory=_chat_processor, dataset_factory=_chat_dataset, per_image_budget=False,
-                  tiny="qwen3_vl",
+                  tiny="qwen3_vl", videos=True, video_type="Qwen3VLVideoProcessor",
                   shapes=(LMShape("qwen3-vl-8b", 36, 4096, 12288, 32, 8, 128, 151936, 1024, "qwen3_vl"),))
 
 # model_type -> Family, in the order messages list them

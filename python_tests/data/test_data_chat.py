@@ -8,7 +8,10 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from helpers.chat_assets import QWEN_CHAT_TEMPLATE, build_tiny_qwen_image_processor, build_tiny_qwen_tokenizer  # noqa: E402
+from helpers.chat_assets import (IMAGE_SIZE, QWEN_CHAT_TEMPLATE, build_tiny_qwen_image_processor,  # noqa: E402
+                                 build_tiny_qwen_tokenizer)
+
+from epic_ext.data.video import VIDEO_DEFAULTS  # noqa: E402
 
 from epic_ext.data.chat import ChatDataset, ChatProcessor, conversation_messages  # noqa: E402
 from epic_ext.models.families import QWEN2_5_VL  # noqa: E402
@@ -20,8 +23,12 @@ WORDS = ("what", "color", "is", "it", "and", "this", "one", "?", "red", "blue", 
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory):
     tokenizer = build_tiny_qwen_tokenizer(WORDS)
+    # the fallback's video settings: the tiny image processor's pixel limits, so a frame is laid out as that image
+    video_config = {**VIDEO_DEFAULTS["Qwen2VLVideoProcessor"], "size": {"shortest_edge": 56 * 56,
+                                                                       "longest_edge": IMAGE_SIZE * IMAGE_SIZE}}
     return ChatProcessor(tokenizer=tokenizer, image_processor=build_tiny_qwen_image_processor(),
-                         chat_template=QWEN_CHAT_TEMPLATE, source=str(tmp_path_factory.mktemp("unused")))
+                         chat_template=QWEN_CHAT_TEMPLATE, source=str(tmp_path_factory.mktemp("unused")),
+                         video_config=video_config)
 
 
 @pytest.fixture(scope="module")

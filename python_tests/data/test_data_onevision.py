@@ -15,6 +15,7 @@ from helpers.chat_assets import ONEVISION_CHAT_TEMPLATE, build_tiny_onevision_im
 from helpers.chat_assets import build_tiny_onevision_tokenizer  # noqa: E402
 
 from epic_ext.data.chat import ChatDataset, ChatProcessor  # noqa: E402
+from epic_ext.data.video import VIDEO_DEFAULTS  # noqa: E402
 from epic_ext.models.families import LLAVA_ONEVISION  # noqa: E402
 from epic_ext.data.llava import collate  # noqa: E402
 from epic_ext.data.onevision import OnevisionLayout  # noqa: E402
@@ -49,11 +50,17 @@ def tiny_model(tokenizer, aspect: str = "anyres_max_9", seed: int = 0, **kwargs)
     return model
 
 
+# the tiny checkpoints' video processor: the tiny crop, the tiny image processor's normalisation
+TINY_VIDEO_SETTINGS = {"video_processor_type": "LlavaOnevisionVideoProcessor", "size": {"height": 28, "width": 28},
+                       "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+
+
 def make_processor(tokenizer, model, tmp_path_factory) -> ChatProcessor:
     return ChatProcessor(tokenizer=tokenizer, image_processor=build_tiny_onevision_image_processor(),
                          chat_template=ONEVISION_CHAT_TEMPLATE, source=str(tmp_path_factory.mktemp("unused")),
                          image_token="<image>", video_token="<video>", videos=True,
-                         layout=OnevisionLayout.from_config(model.config))
+                         layout=OnevisionLayout.from_config(model.config),
+                         video_config={**VIDEO_DEFAULTS["LlavaOnevisionVideoProcessor"], **TINY_VIDEO_SETTINGS})
 
 
 def record(sample_id, names, question="what color is it ?", answer="red"):
@@ -221,24 +228,30 @@ def test_video_tokens_and_frames_are_what_the_model_reads(tokenizer, images, tmp
 
 
 def test_from_pretrained_reads_the_layout_and_the_video_normalisation(tokenizer, images, tmp_path):
-    """A OneVision checkpoint directory gives the model's layout and token strings; its video processor's mean / std
-    (video_preprocessor_config.json) normalise the frames instead of the image processor's."""
+    """A OneVision checkpoint directory gives the model's layout and token strings. Its video processor's settings
+    lay the frames out: without a video_preprocessor_config.json they are the image processor's (transformers builds
+    the video processor from preprocessor_config.json then); with one, its size and mean / std; a size other than
+    the model's crop is refused."""
     import json
 
     from PIL import Image
 
     model = tiny_model(tokenizer, aspect="anyres_max_4")
     tokenizer.save_pretrained(str(tmp_path))
-    build_tiny_onevision_image_processor().save_pretrained(str(tmp_path))  # mean = std = 0.5
+    build_tiny_onevision_image_processor().save_pretrained(str(tmp_path))  # 28 px, mean = std = 0.5
     model.config.save_pretrained(str(tmp_path))
-    loaded = LLAVA_ONEVISION.load_processor(str(tmp_path))
-    assert loaded.layout == OnevisionLayout.from_config(model.config) and loaded.layout.max_crops == 4
-    assert (loaded.image_token, loaded.video_token, loaded.video_normalize) == ("<image>", "<video>", None)
     frames = [Image.open(images / name).convert("RGB") for name in ("w50.png", "t70.png")]
+    loaded = LLAVA_ONEVISION.load_processor(str(tmp_path), "fallback")
+    assert loaded.layout == OnevisionLayout.from_config(model.config) and loaded.layout.max_crops == 4
+    assert (loaded.image_token, loaded.video_token, loaded.video_config["size"], loaded.video_config["image_mean"]) == (
+        "<image>", "<video>", {"height": 28, "width": 28}, [0.5, 0.5, 0.5])
     as_images = loaded.video_inputs(frames)[0]["pixel_values_videos"]
-    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps({"image_mean": [0, 0, 0],
-                                                                         "image_std": [1, 1, 1]}))
-    loaded = LLAVA_ONEVISION.load_processor(str(tmp_path))
-    assert loaded.video_normalize == {"image_mean": [0, 0, 0], "image_std": [1, 1, 1]}
+    video_file = tmp_path / "video_preprocessor_config.json"
+    video_file.write_text(json.dumps({**TINY_VIDEO_SETTINGS, "image_mean": [0, 0, 0], "image_std": [1, 1, 1]}))
+    loaded = LLAVA_ONEVISION.load_processor(str(tmp_path), "fallback")
+    assert (loaded.video_config["image_mean"], loaded.video_config["image_std"]) == ([0.0] * 3, [1.0] * 3)
     rescaled = loaded.video_inputs(frames)[0]["pixel_values_videos"]
     torch.testing.assert_close(rescaled, as_images * 0.5 + 0.5, rtol=1e-5, atol=1e-5)
+    video_file.write_text(json.dumps({"video_processor_type": "LlavaOnevisionVideoProcessor"}))  # 384 px default
+    with pytest.raises(ValueError, match="384.*crop"):
+        LLAVA_ONEVISION.load_processor(str(tmp_path), "fallback").video_inputs(frames)

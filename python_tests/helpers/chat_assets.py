@@ -67,6 +67,7 @@ def make_qwen_train_assets(root: pathlib.Path, family: str = "qwen2_5_vl") -> di
     model_dir = root / "model"
     tokenizer.save_pretrained(str(model_dir))
     build_tiny_qwen_image_processor().save_pretrained(str(model_dir))
+    write_processor_config(model_dir, {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}[family])
     builder = {"qwen2_5_vl": build_tiny_qwen2_5_vl, "qwen3_vl": build_tiny_qwen3_vl}[family]
     model = builder(seed=0, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, hidden=32,
                     text_layers=2, heads=2, kv_heads=1)
@@ -123,6 +124,25 @@ def build_tiny_onevision_image_processor(crop: int = ONEVISION_CROP):
                                            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
 
+def write_processor_config(model_dir: pathlib.Path, processor_class: str, **settings) -> None:
+    """processor_config.json naming the checkpoint's processor class (and its own settings), as released checkpoints
+    carry it: AutoProcessor then builds the whole processor (the image processor from preprocessor_config.json, the
+    video processor from video_preprocessor_config.json or, without one, from the image processor's settings)."""
+    import json
+
+    (model_dir / "processor_config.json").write_text(json.dumps({"processor_class": processor_class, **settings}))
+
+
+def write_tiny_onevision_video_config(model_dir: pathlib.Path, crop: int = ONEVISION_CROP) -> None:
+    """The tiny checkpoint's video processor settings (the crop size, the image processor's normalisation), as a
+    checkpoint's video_preprocessor_config.json (the class default, 384 px, is not the tiny crop)."""
+    import json
+
+    (model_dir / "video_preprocessor_config.json").write_text(json.dumps({
+        "video_processor_type": "LlavaOnevisionVideoProcessor", "size": {"height": crop, "width": crop},
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
+
+
 def make_onevision_train_assets(root: pathlib.Path, image_size: int = ONEVISION_CROP) -> dict:
     """Writes root/model (tiny LLaVA-OneVision + tokenizer + image processor) and root/data (the shapes task at
     `image_size` px); returns the paths as make_qwen_train_assets does."""
@@ -134,6 +154,9 @@ def make_onevision_train_assets(root: pathlib.Path, image_size: int = ONEVISION_
     model_dir = root / "model"
     tokenizer.save_pretrained(str(model_dir))
     build_tiny_onevision_image_processor().save_pretrained(str(model_dir))
+    write_tiny_onevision_video_config(model_dir)
+    write_processor_config(model_dir, "LlavaOnevisionProcessor", num_image_tokens=(ONEVISION_CROP // 7) ** 2,
+                           vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
     model = build_tiny_llava_onevision(seed=0, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                        hidden=32, text_layers=2, heads=2, kv_heads=1, vision_use_head=False)
     model.save_pretrained(str(model_dir))
