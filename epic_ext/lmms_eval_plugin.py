@@ -10,9 +10,11 @@ Model arguments (``--model_args k=v,...``): ``pretrained`` (checkpoint directory
 model_type picks the family: LLaVA-1.5, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision), ``method`` (fastv, dart, random),
 ``layer`` (K, default 2), ``keep`` (visual tokens kept per sample) or ``ratio`` (fraction removed), ``batch_size``,
 ``dtype`` (auto, fp32, bf16, fp16), ``device``, ``attn_implementation``, ``max_frames_num`` (frames sampled from a
-video, default 32), ``max_new_tokens`` (when the task's generation_kwargs give none, default 128), ``seed`` (Random
-compression). No ``method`` / ``keep`` / ``ratio`` (or ``ratio=0``, or, for LLaVA-1.5, ``keep`` equal to the model's
-visual tokens per image) is the unmodified model.
+video, default 32; all of a shorter one's), ``max_new_tokens`` (when the task's generation_kwargs give none, default
+128), ``seed`` (Random compression), ``min_pixels`` / ``max_pixels`` (Qwen2.5-VL / Qwen3-VL: the image processor's
+pixel budget per image or video frame, in place of the checkpoint's; lmms-eval's own qwen2_5_vl wrapper runs at
+200704 / 1605632 unless told). No ``method`` / ``keep`` / ``ratio`` (or ``ratio=0``, or, for LLaVA-1.5, ``keep``
+equal to the model's visual tokens per image) is the unmodified model.
 
 Prompts and batching are `python -m epic_ext.eval`'s (epic_ext.eval.generate_chunk): LLaVA-1.5's ``USER: <image>\\n...
 ASSISTANT:``, the checkpoint's chat template for the other families, left padding, greedy unless the task samples.
@@ -91,6 +93,8 @@ class PluginSettings:
     max_frames_num: int = DEFAULT_FRAMES
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     seed: int = 0
+    min_pixels: int | None = None  # None: the checkpoint's image processor's
+    max_pixels: int | None = None
 
     @property
     def compressed(self) -> bool:
@@ -111,7 +115,8 @@ def _int(name: str, value, low: int) -> int:
 
 def parse_model_args(pretrained=None, method=None, layer=None, keep=None, ratio=None, batch_size=1, dtype="auto",
                      device=None, attn_implementation=None, max_frames_num=DEFAULT_FRAMES,
-                     max_new_tokens=DEFAULT_MAX_NEW_TOKENS, seed=0, max_batch_size=None, **unknown):
+                     max_new_tokens=DEFAULT_MAX_NEW_TOKENS, seed=0, min_pixels=None, max_pixels=None,
+                     max_batch_size=None, **unknown):
     """Checks the model arguments against the checkpoint's config.json (no weights are read).
 
     Returns:
@@ -120,12 +125,14 @@ def parse_model_args(pretrained=None, method=None, layer=None, keep=None, ratio=
     Raises:
         ModelArgumentError: an unknown argument, a missing or unsupported checkpoint, an unknown method, a layer
             outside the model's decoder layers, ratio and keep both given, a keep above the visual tokens per image
-            (LLaVA-1.5), a bad batch size, dtype or device.
+            (LLaVA-1.5), a bad batch size, dtype or device, min_pixels / max_pixels for a family without a
+            pixel budget (not Qwen2.5-VL / Qwen3-VL) or with min_pixels above max_pixels.
     """
     del max_batch_size  # lmms-eval passes its --max_batch_size; batches here are batch_size
     if unknown:
         _fail(f"unknown argument(s) {', '.join(sorted(unknown))}; known: pretrained, method, layer, keep, ratio, "
-              "batch_size, dtype, device, attn_implementation, max_frames_num, max_new_tokens, seed")
+              "batch_size, dtype, device, attn_implementation, max_frames_num, max_new_tokens, seed, min_pixels, "
+              "max_pixels")
     if not pretrained:
         _fail("pretrained is required (a checkpoint directory or Hub id)")
     pretrained = str(pretrained)
@@ -176,6 +183,14 @@ def parse_model_args(pretrained=None, method=None, layer=None, keep=None, ratio=
         _fail(f"device={device}: {error}")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         _fail(f"device={device}: CUDA is not available")
+    if min_pixels is not None or max_pixels is not None:
+        if family.adapter != "qwen_vl":
+            _fail(f"min_pixels / max_pixels are the Qwen2.5-VL / Qwen3-VL image processor's pixel budget; "
+                  f"pretrained={pretrained} is {family.title}")
+        min_pixels = None if min_pixels is None else _int("min_pixels", min_pixels, 1)
+        max_pixels = None if max_pixels is None else _int("max_pixels", max_pixels, 1)
+        if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+            _fail(f"min_pixels ({min_pixels}) must be <= max_pixels ({max_pixels})")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _fail("the epic_ext model runs in one process; launch lmms-eval without several processes")
     settings = PluginSettings(
@@ -183,13 +198,28 @@ def parse_model_args(pretrained=None, method=None, layer=None, keep=None, ratio=
         ratio=None if full or ratio is None else float(ratio), batch_size=_int("batch_size", batch_size, 1),
         dtype=str(dtype), device=str(device), attn_implementation=attn_implementation,
         max_frames_num=_int("max_frames_num", max_frames_num, 1),
-        max_new_tokens=_int("max_new_tokens", max_new_tokens, 1), seed=_int("seed", seed, 0))
+        max_new_tokens=_int("max_new_tokens", max_new_tokens, 1), seed=_int("seed", seed, 0), min_pixels=min_pixels,
+        max_pixels=max_pixels)
     return settings, family, config
+
+
+def load_processor(family, pretrained: str, min_pixels: int | None = None, max_pixels: int | None = None):
+    """The family's processor of the checkpoint; with min_pixels / max_pixels (Qwen families), its image processor
+    reloaded with that pixel budget (the image processor's own min_pixels / max_pixels arguments: its size's
+    shortest_edge / longest_edge), as lmms-eval's Qwen wrappers load theirs."""
+    processor = family.load_processor(pretrained)
+    budget = {key: value for key, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
+              if value is not None}
+    if budget:
+        processor.image_processor = type(processor.image_processor).from_pretrained(pretrained, **budget)
+    return processor
 
 
 def load_video(path: str, frames: int) -> tuple[list, float]:
     """`frames` frames sampled uniformly from a video file (indices linspace(0, n - 1, frames), as lmms-eval's
-    LLaVA wrapper samples), decoded with PyAV; and their rate in frames per second of the video's duration."""
+    LLaVA wrapper samples; all n frames, none repeated, when the video has at most `frames`, as lmms-eval's own video
+    loader and Qwen wrappers take), decoded with PyAV; and their rate in frames per second of the video's
+    duration."""
     import av  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
@@ -199,6 +229,7 @@ def load_video(path: str, frames: int) -> tuple[list, float]:
         rate = float(stream.average_rate or 0)
     if total < 1:
         raise ValueError(f"{path}: no video frames")
+    frames = min(frames, total)
     wanted = np.linspace(0, total - 1, frames, dtype=int).tolist()
     picked: dict[int, object] = {}
     with av.open(path) as container:
@@ -315,7 +346,7 @@ class EpicExt(lmms):
         s = self.settings
         kwargs = {"attn_implementation": s.attn_implementation} if s.attn_implementation else {}
         self.model = self.family.load_model(s.pretrained, DTYPES[s.dtype], **kwargs).to(s.device).eval()
-        self.processor = self.family.load_processor(s.pretrained)
+        self.processor = load_processor(self.family, s.pretrained, s.min_pixels, s.max_pixels)
         self.handle = None
         if s.compressed:
             extra = {"generator": torch.Generator().manual_seed(s.seed)} if s.method == "random" else {}

@@ -144,6 +144,7 @@ def test_a_sample_that_cannot_be_generated_fails_the_run(setup, tmp_path, plant)
     ("batch_size=0", "epic_ext model_args: batch_size must be an integer >= 1"),
     ("colour=red", "epic_ext model_args: unknown argument(s) colour"),
     ("dtype=int8", "epic_ext model_args: dtype must be one of"),
+    ("max_pixels=200704", "epic_ext model_args: min_pixels / max_pixels are the Qwen2.5-VL / Qwen3-VL image"),
 ])
 def test_bad_model_arguments_are_one_line_before_the_model_loads(setup, model_args, message):
     from epic_ext.lmms_eval_plugin import ModelArgumentError, parse_model_args

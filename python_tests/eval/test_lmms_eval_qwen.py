@@ -3,10 +3,11 @@ generated images and a generated video, through the lmms-eval command line. Its 
 `python -m epic_ext.eval`'s (uncompressed and FastV 4 kept), batched answers equal per-sample answers with the video
 in the batch, and the recorded visual tokens count the video's.
 
-lmms-eval's own Qwen2.5-VL / Qwen3-VL wrappers (and its LLaVA wrapper for OneVision) cannot run here: their
-AutoProcessor builds the family's video processor, which needs torchvision, and the torchvision that pairs with the CPU
-torch 2.13 (0.28.0, built against the CUDA torch) does not import; the Makefile removes it. The comparison with a
-built-in wrapper is made for LLaVA-1.5 (test_lmms_eval_demo.py)."""
+The comparison with lmms-eval's own Qwen2.5-VL wrapper (`--model qwen2_5_vl`) at no compression is
+test_lmms_eval_qwen_builtin.py: the wrapper's AutoProcessor builds the family's video processor, which needs
+torchvision, so it runs in the torch 2.14.1 + torchvision 0.29.1 stack and skips in the CPU torch 2.13 one (the
+torchvision that pairs with it, 0.28.0, is built against the CUDA torch and does not import; the Makefile removes it).
+The comparison for LLaVA-1.5 is in test_lmms_eval_demo.py."""
 
 from __future__ import annotations
 
