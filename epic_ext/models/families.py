@@ -53,9 +53,13 @@ def _official(backend: str) -> bool:
 def _llava_processor(family: Family, path: str, backend: str = "auto"):
     """The checkpoint's AutoProcessor (LlavaProcessor / LlavaNextProcessor): its torchvision image backend where
     torchvision is importable; the fallback asks for its PIL backend."""
+    from ..data.chat import note_fallback  # noqa: PLC0415
     from . import _hf  # noqa: PLC0415
 
-    return _hf.auto_processor(path, pil=not _official(backend))
+    if _official(backend):
+        return _hf.auto_processor(path, pil=False)
+    note_fallback(f"{family.title} image")
+    return _hf.auto_processor(path, pil=True)
 
 
 def _chat_processor(family: Family, path: str, backend: str = "auto"):

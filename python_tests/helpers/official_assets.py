@@ -17,8 +17,8 @@ def write_checkpoint(root: pathlib.Path, family: str, layout: str = "processor_c
     """Writes root/<family>-<layout> and returns its path.
 
     layout: "processor_config" (transformers 5's one processor_config.json), "separate" (preprocessor_config.json +
-    video_preprocessor_config.json with the checkpoint's own video settings: smaller pixel limits, other
-    normalisation) or "legacy" (preprocessor_config.json only, with min_pixels / max_pixels: the video processor
+    video_preprocessor_config.json with the checkpoint's own video settings: smaller pixel limits, the per-frame
+    pixel cap, other normalisation) or "legacy" (preprocessor_config.json only, with min_pixels / max_pixels: the video processor
     takes the image's limits).
     """
     import transformers as T
@@ -59,9 +59,10 @@ def write_checkpoint(root: pathlib.Path, family: str, layout: str = "processor_c
     image_settings, video_settings = combined.pop("image_processor"), combined.pop("video_processor")
     (path / "processor_config.json").write_text(json.dumps(combined))
     if layout == "separate":
-        if "longest_edge" in video_settings.get("size", {}):
+        if "longest_edge" in video_settings.get("size", {}):  # Qwen: other limits, and the per-frame pixel cap
             video_settings["size"] = {"shortest_edge": video_settings["size"]["shortest_edge"] // 2,
                                       "longest_edge": video_settings["size"]["longest_edge"] // 3}
+            video_settings["cap_pixels_per_frame"] = True
         video_settings["image_mean"], video_settings["image_std"] = [0.45, 0.46, 0.47], [0.22, 0.23, 0.24]
         (path / "video_preprocessor_config.json").write_text(json.dumps(video_settings))
     elif layout == "legacy":
