@@ -131,6 +131,29 @@ def load_model_config(path: str | None, option: str = "--model", families: Mappi
     return config
 
 
+def add_attn_implementation_argument(parser: argparse.ArgumentParser, what: str = "the model") -> None:
+    """--attn-implementation eager|sdpa|flash_attention_2 (default sdpa): the language model's attention."""
+    from .models.families import ATTN_IMPLEMENTATIONS, DEFAULT_ATTN_IMPLEMENTATION  # noqa: PLC0415
+
+    parser.add_argument("--attn-implementation", choices=ATTN_IMPLEMENTATIONS, default=DEFAULT_ATTN_IMPLEMENTATION,
+                        help=f"attention of the language model of {what} (the vision tower keeps sdpa); "
+                             "flash_attention_2 needs the flash-attn package and a CUDA device")
+
+
+def check_attn_implementation_option(name: str, device: str | None = None,
+                                     option: str = "--attn-implementation") -> str:
+    """`name` if it can run here (epic_ext.models.families.check_attn_implementation), else a UsageError naming
+    the option; runs before any model loads."""
+    from .models.families import check_attn_implementation  # noqa: PLC0415
+
+    try:
+        return check_attn_implementation(name, device)
+    except ValueError as error:
+        message = str(error)
+        raise UsageError(option + message[len("attn_implementation"):] if message.startswith("attn_implementation")
+                         else f"{option}: {message}") from None
+
+
 def describe_skips(skipped: Mapping[str, int]) -> str:
     """`missing_image: 31, bad_record: 1`, most frequent reason first."""
     return ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))
