@@ -9,7 +9,8 @@ lmms_eval, and ``import epic_ext`` never imports this module.
 Model arguments (``--model_args k=v,...``): ``pretrained`` (checkpoint directory or Hub id; its config.json's
 model_type picks the family: LLaVA-1.5, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision), ``method`` (fastv, dart, random),
 ``layer`` (K, default 2), ``keep`` (visual tokens kept per sample) or ``ratio`` (fraction removed), ``batch_size``,
-``dtype`` (auto, fp32, bf16, fp16), ``device``, ``attn_implementation``, ``max_frames_num`` (frames sampled from a
+``dtype`` (auto, fp32, bf16, fp16), ``device``, ``attn_implementation`` (the language model's: eager, sdpa,
+flash_attention_2; default sdpa), ``max_frames_num`` (frames sampled from a
 video, default 32), ``max_new_tokens`` (when the task's generation_kwargs give none, default 128), ``seed`` (Random
 compression). No ``method`` / ``keep`` / ``ratio`` (or ``ratio=0``, or, for LLaVA-1.5, ``keep`` equal to the model's
 visual tokens per image) is the unmodified model.
@@ -46,7 +47,7 @@ from .compress import get_compressor
 from .data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from .eval import generate_chunk
 from .models import apply_compression
-from .models.families import TRAINABLE, describe, family_of
+from .models.families import TRAINABLE, check_attn_implementation, describe, family_of
 
 _logger = logging.getLogger(__name__)
 
@@ -176,6 +177,14 @@ def parse_model_args(pretrained=None, method=None, layer=None, keep=None, ratio=
         _fail(f"device={device}: {error}")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         _fail(f"device={device}: CUDA is not available")
+    if attn_implementation is not None:
+        try:
+            check_attn_implementation(str(attn_implementation), parsed)
+        except ValueError as error:  # "attn_implementation flash_attention_2 needs ..." -> "...=flash_attention_2 ..."
+            named = f"attn_implementation {attn_implementation} "
+            message = str(error)
+            _fail(f"attn_implementation={attn_implementation} {message[len(named):]}" if message.startswith(named)
+                  else message)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _fail("the epic_ext model runs in one process; launch lmms-eval without several processes")
     settings = PluginSettings(
@@ -313,8 +322,8 @@ class EpicExt(lmms):
         super().__init__()
         self.settings, self.family, config = parse_model_args(**model_args)
         s = self.settings
-        kwargs = {"attn_implementation": s.attn_implementation} if s.attn_implementation else {}
-        self.model = self.family.load_model(s.pretrained, DTYPES[s.dtype], **kwargs).to(s.device).eval()
+        self.model = self.family.load_model(s.pretrained, DTYPES[s.dtype],
+                                            attn_implementation=s.attn_implementation).to(s.device).eval()
         self.processor = self.family.load_processor(s.pretrained)
         self.handle = None
         if s.compressed:
