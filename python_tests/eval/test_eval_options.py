@@ -328,3 +328,24 @@ def test_onevision_refuses_videos_of_different_frame_counts(qwen):
     with pytest.raises(UsageError, match=r"--data: .* batches videos of one frame count; the video records have "
                                          r"\[3, 4, 6\] frames"):
         check_video_frames(FAMILIES["llava_onevision"], items)
+
+
+def test_evaluation_after_training_takes_video_records_and_the_attention(qwen, tmp_path, capsys, loaded):
+    """`python -m epic_ext.train --eval-data` evaluates the export with the same code: on the Qwen checkpoint its rows
+    (3 new tokens, batches of 32) equal `python -m epic_ext.eval`'s at the same setting, videos included, and the
+    model it loads runs the run's --attn-implementation."""
+    from epic_ext.train.__main__ import run_eval  # noqa: PLC0415
+    from epic_ext.train.config import TrainConfig  # noqa: PLC0415
+
+    cfg = TrainConfig(model=qwen["model"], data=qwen["mixed"], image_folder=qwen["images"], eval_data=qwen["mixed"],
+                      eval_keep=[4], layer=LAYER, attn_implementation="eager")
+    after_training = run_eval(cfg, qwen["model"])
+    assert _hf.text_attention_implementation(loaded[-1].model.language_model.config) == "eager"
+    capsys.readouterr()
+    cli, _ = rows_of(tmp_path, capsys, ["--model", qwen["model"], "--data", qwen["mixed"], "--image-folder",
+                                        qwen["images"], "--keep", "4", "--layer", str(LAYER), "--max-new-tokens", "3",
+                                        "--device", "cpu", "--method", "fastv", "dart", "random"])
+    assert len(after_training) == len(cli) == 4
+    for row in after_training:
+        assert row["n"] == 7
+        assert row["predictions"] == cli[row["method"], None, row["keep"]]["predictions"], row["method"]
