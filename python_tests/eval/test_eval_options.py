@@ -56,12 +56,10 @@ def _frames(folder: pathlib.Path, count: int, size: int, seed: int) -> list[str]
     return names
 
 
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-    """The tiny Qwen2.5-VL checkpoint and a QA file of 4 image records and 3 video records (4 frames with a
+def _qwen_assets(root: pathlib.Path, family: str) -> dict:
+    """The tiny `family` checkpoint and a QA file of 4 image records and 3 video records (4 frames with a
     placeholder and an fps; 3 frames, odd, without a placeholder; 6 frames of another size)."""
-    root = tmp_path_factory.mktemp("eval_options_qwen")
-    assets = make_qwen_train_assets(root)
+    assets = make_qwen_train_assets(root, family)
     folder = pathlib.Path(assets["images"])
     records = json.loads(pathlib.Path(assets["test"]).read_text())[:4]
     records += [
@@ -77,6 +75,11 @@ def qwen(tmp_path_factory):
     data = root / "mixed.json"
     data.write_text(json.dumps(records))
     return {**assets, "mixed": str(data), "records": records}
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return _qwen_assets(tmp_path_factory.mktemp("eval_options_qwen"), "qwen2_5_vl")
 
 
 def rows_of(tmp_path, capsys, argv, name="rows.json") -> tuple[dict, str]:
@@ -349,3 +352,29 @@ def test_evaluation_after_training_takes_video_records_and_the_attention(qwen, t
     for row in after_training:
         assert row["n"] == 7
         assert row["predictions"] == cli[row["method"], None, row["keep"]]["predictions"], row["method"]
+
+
+def test_qwen3_vl_video_records_batched_equal_single_and_direct_generate(tmp_path_factory, tmp_path, capsys):
+    """Qwen3-VL (its video prompts carry per-frame timestamps, from the record's fps): the same checks, with the kept
+    counts of --ratio 0.5 worked out from each sample's visual tokens in the direct inputs."""
+    assets = _qwen_assets(tmp_path_factory.mktemp("eval_options_qwen3"), "qwen3_vl")
+    argv = ["--model", assets["model"], "--data", assets["mixed"], "--image-folder", assets["images"], "--ratio",
+            "0.5", "--layer", str(LAYER), "--max-new-tokens", "4", "--device", "cpu"]
+    batched, printed = rows_of(tmp_path, capsys, [*argv, "--batch-size", "7"], "batched.json")
+    single, _ = rows_of(tmp_path, capsys, [*argv, "--batch-size", "1"], "single.json")
+    assert "skipped" not in printed and batched.keys() == single.keys()
+    for key in batched:
+        assert batched[key]["n"] == 7 and batched[key]["predictions"] == single[key]["predictions"], key
+    family = FAMILIES["qwen3_vl"]
+    model = family.load_model(assets["model"], torch.float32).eval()
+    processor = family.load_processor(assets["model"])
+    folder = pathlib.Path(assets["images"])
+    visual_ids = torch.tensor([model.config.image_token_id, model.config.video_token_id])
+    counts = [int(torch.isin(_direct_inputs(processor, record, folder)["input_ids"], visual_ids).sum())
+              for record in assets["records"]]
+    assert all(count > 0 for count in counts)
+    keeps = [int((1 - 0.5) * count + 0.5) for count in counts]
+    none = next(row for key, row in batched.items() if key[0] == "none")
+    fastv = next(row for key, row in batched.items() if key[0] == "fastv")
+    assert none["predictions"] == _direct_answers(model, processor, assets["records"], folder, 4)
+    assert fastv["predictions"] == _direct_answers(model, processor, assets["records"], folder, 4, keeps=keeps)
