@@ -131,12 +131,13 @@ def load_model_config(path: str | None, option: str = "--model", families: Mappi
     return config
 
 
-def add_attn_implementation_argument(parser: argparse.ArgumentParser, what: str = "the model") -> None:
-    """--attn-implementation eager|sdpa|flash_attention_2 (default sdpa): the language model's attention."""
+def add_attn_implementation_argument(parser: argparse.ArgumentParser, where: str = "") -> None:
+    """--attn-implementation eager|sdpa|flash_attention_2 (default sdpa): the language model's attention; `where`
+    ends the help's first clause (e.g. " (--measure)")."""
     from .models.families import ATTN_IMPLEMENTATIONS, DEFAULT_ATTN_IMPLEMENTATION  # noqa: PLC0415
 
     parser.add_argument("--attn-implementation", choices=ATTN_IMPLEMENTATIONS, default=DEFAULT_ATTN_IMPLEMENTATION,
-                        help=f"attention of the language model of {what} (the vision tower keeps sdpa); "
+                        help=f"the language model's attention{where}; the vision tower keeps sdpa; "
                              "flash_attention_2 needs the flash-attn package and a CUDA device")
 
 

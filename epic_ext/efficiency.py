@@ -209,7 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of --measure (the median is shown)")
     p.add_argument("--layers", type=int, help="decoder layers of the model (shrink for a smoke run)")
     p.add_argument("--tiny", action="store_true", help="tiny model with 576 visual tokens (CPU smoke run)")
-    add_attn_implementation_argument(p, "the --measure model")
+    add_attn_implementation_argument(p, " in the --measure model")
     return p
 
 

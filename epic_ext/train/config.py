@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero", type=int, default=defaults.zero, help="bundled DeepSpeed ZeRO config: 0, 1, 2 or 3")
     p.add_argument("--deepspeed-config", help="your own DeepSpeed JSON ('auto' entries are filled in)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=defaults.bf16, help="bfloat16 training")
-    add_attn_implementation_argument(p, "the trained model (and of the evaluation after training)")
+    add_attn_implementation_argument(p, ", in training and in the evaluation after it")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                    default=defaults.gradient_checkpointing, help="recompute activations in the backward pass")
     p.add_argument("--max-length", type=int, default=defaults.max_length, help="longest tokenized sample")
