@@ -141,18 +141,23 @@ def add_attn_implementation_argument(parser: argparse.ArgumentParser, where: str
                              "flash_attention_2 needs the flash-attn package and a CUDA device")
 
 
-def check_attn_implementation_option(name: str, device: str | None = None,
+def check_attn_implementation_option(name: str, device: str | None = None, dtype=None, *,
+                                     dtype_hint: str = "--dtype bf16 or fp16",
                                      option: str = "--attn-implementation") -> str:
-    """`name` if it can run here (epic_ext.models.families.check_attn_implementation), else a UsageError naming
-    the option; runs before any model loads."""
+    """`name` if it can run here (epic_ext.models.families.check_attn_implementation: flash-attn importable, the
+    device, the dtype), else a UsageError naming the option (and `dtype_hint` for a dtype it cannot run in); runs
+    before any model loads."""
     from .models.families import check_attn_implementation  # noqa: PLC0415
 
     try:
-        return check_attn_implementation(name, device)
+        return check_attn_implementation(name, device, dtype)
     except ValueError as error:
         message = str(error)
-        raise UsageError(option + message[len("attn_implementation"):] if message.startswith("attn_implementation")
-                         else f"{option}: {message}") from None
+        message = (option + message[len("attn_implementation"):] if message.startswith("attn_implementation")
+                   else f"{option}: {message}")
+        if "float16 or bfloat16 only" in message:
+            message += f": give {dtype_hint}"
+        raise UsageError(message) from None
 
 
 def describe_skips(skipped: Mapping[str, int]) -> str:

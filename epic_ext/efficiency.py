@@ -89,7 +89,7 @@ def build_random_llava(config, dtype: str = "bf16", device: str = "cpu", attn_im
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: no CUDA device available")
     if attn_implementation is not None:
-        check_attn_implementation(attn_implementation, device)
+        check_attn_implementation(attn_implementation, device, DTYPES[dtype])
     with torch.device("meta"):
         params = sum(p.numel() for p in LlavaForConditionalGeneration._from_config(config).parameters())
     weight_bytes = params * torch.empty((), dtype=DTYPES[dtype]).element_size()
@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.measure:  # before anything is built
-            check_attn_implementation(args.attn_implementation, args.device)
+            check_attn_implementation(args.attn_implementation, args.device, DTYPES[args.dtype])
         shape = model_shape("llava-1.5-7b" if args.tiny else args.model)
         builds = args.tiny or args.measure or args.layers is not None
         if builds and not args.tiny and shape.family != "llava":

@@ -389,7 +389,7 @@ def _check_args(args, config) -> list[int] | None:
         raise UsageError(f"--device: {error}") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available")
-    check_attn_implementation_option(args.attn_implementation, args.device)
+    check_attn_implementation_option(args.attn_implementation, args.device, cost.DTYPES[args.dtype])
     return keeps
 
 

@@ -179,7 +179,9 @@ def parse_model_args(pretrained=None, method=None, layer=None, keep=None, ratio=
         _fail(f"device={device}: CUDA is not available")
     if attn_implementation is not None:
         try:
-            check_attn_implementation(str(attn_implementation), parsed)
+            weights = DTYPES[str(dtype)]  # "auto": the checkpoint's, not known before it loads
+            check_attn_implementation(str(attn_implementation), parsed,
+                                      weights if isinstance(weights, torch.dtype) else None)
         except ValueError as error:  # "attn_implementation flash_attention_2 needs ..." -> "...=flash_attention_2 ..."
             named = f"attn_implementation {attn_implementation} "
             message = str(error)

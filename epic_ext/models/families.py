@@ -25,16 +25,19 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 DEFAULT_ATTN_IMPLEMENTATION = "sdpa"
 
 
-def check_attn_implementation(name: str, device: str | torch.device | None = None) -> str:
+def check_attn_implementation(name: str, device: str | torch.device | None = None,
+                              dtype: torch.dtype | None = None) -> str:
     """`name` if the language model can run it here, before any model loads.
 
     Args:
         name: one of ATTN_IMPLEMENTATIONS.
         device: where the model will run (flash_attention_2 needs a CUDA device); None: not checked.
+        dtype: the model's weights (flash_attention_2 runs fp16 / bf16 only: transformers passes fp32 queries of an
+            fp32 model through, and the kernels refuse them); None: not checked.
 
     Raises:
-        ValueError: an unknown name; flash_attention_2 without an importable flash-attn package, or on a device that
-            is not CUDA.
+        ValueError: an unknown name; flash_attention_2 without an importable flash-attn package, on a device that
+            is not CUDA, or with fp32 weights.
     """
     if name not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {name!r}")
@@ -49,6 +52,9 @@ def check_attn_implementation(name: str, device: str | torch.device | None = Non
                              "flash-attn, or use sdpa") from None
         if device is not None and torch.device(device).type != "cuda":
             raise ValueError(f"attn_implementation flash_attention_2 runs on CUDA devices only, not {device}")
+        if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"attn_implementation flash_attention_2 runs in float16 or bfloat16 only, not "
+                             f"{str(dtype).removeprefix('torch.')}")
     return name
 
 

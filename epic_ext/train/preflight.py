@@ -62,7 +62,8 @@ def preflight(cfg: TrainConfig) -> Run:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     import torch  # noqa: PLC0415
 
-    check_attn_implementation_option(cfg.attn_implementation, "cuda" if torch.cuda.is_available() else "cpu")
+    check_attn_implementation_option(cfg.attn_implementation, "cuda" if torch.cuda.is_available() else "cpu",
+                                     torch.bfloat16 if cfg.bf16 else torch.float32, dtype_hint="--bf16")
     try:
         ds = deepspeed_config(cfg, world_size)
     except FileNotFoundError as error:

@@ -150,6 +150,16 @@ def test_flash_on_the_cpu_is_one_line(llava, capsys, no_model_load, monkeypatch)
     assert err == "error: --attn-implementation flash_attention_2 runs on CUDA devices only, not cpu", err
 
 
+def test_flash_in_fp32_is_one_line(llava, capsys, no_model_load, monkeypatch):
+    """flash-attn's kernels take fp16 / bf16 only (transformers hands them an fp32 model's fp32 queries)."""
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as the checks can tell
+    argv = [*llava_args(llava)[:-2], "--device", "cuda", "--attn-implementation", "flash_attention_2"]
+    err = refused(capsys, argv)
+    assert err == ("error: --attn-implementation flash_attention_2 runs in float16 or bfloat16 only, not float32: "
+                   "give --dtype bf16 or fp16"), err
+
+
 @pytest.mark.skipif(HAS_FLASH_ATTN, reason="flash-attn is installed here")
 def test_efficiency_measure_refuses_flash_before_building(capsys, monkeypatch):
     from epic_ext import efficiency  # noqa: PLC0415
@@ -190,6 +200,15 @@ def test_lmms_plugin_checks_attention_like_the_clis(llava, monkeypatch):
                                 "only, not cpu")
     settings, _, _ = parse_model_args(pretrained=llava["model"], attn_implementation="eager", device="cpu")
     assert settings.attn_implementation == "eager"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ModelArgumentError) as error:
+        parse_model_args(pretrained=llava["model"], attn_implementation="flash_attention_2", device="cuda",
+                         dtype="fp32")
+    assert str(error.value) == ("epic_ext model_args: attn_implementation=flash_attention_2 runs in float16 or "
+                                "bfloat16 only, not float32")
+    settings, _, _ = parse_model_args(pretrained=llava["model"], attn_implementation="flash_attention_2",
+                                      device="cuda", dtype="bf16")  # what a GPU machine with flash-attn accepts
+    assert settings.attn_implementation == "flash_attention_2"
 
 
 # ------------------------------------------------------------------------------------------------------- ratio --

@@ -62,6 +62,14 @@ def test_flash_on_a_machine_without_cuda_is_one_line(assets, tmp_path, capsys, n
     assert line == "error: --attn-implementation flash_attention_2 runs on CUDA devices only, not cpu", line
 
 
+def test_flash_without_bf16_is_one_line(assets, tmp_path, capsys, no_model_load, monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    line = refused(capsys, base_args(assets, tmp_path) + ["--attn-implementation", "flash_attention_2"])
+    assert line == ("error: --attn-implementation flash_attention_2 runs in float16 or bfloat16 only, not float32: "
+                    "give --bf16"), line
+
+
 def test_unknown_attention_is_an_argparse_error(assets, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(base_args(assets, tmp_path) + ["--attn-implementation", "flex"])
