@@ -131,6 +131,35 @@ def load_model_config(path: str | None, option: str = "--model", families: Mappi
     return config
 
 
+def add_attn_implementation_argument(parser: argparse.ArgumentParser, where: str = "") -> None:
+    """--attn-implementation eager|sdpa|flash_attention_2 (default sdpa): the language model's attention; `where`
+    ends the help's first clause (e.g. " (--measure)")."""
+    from .models.families import ATTN_IMPLEMENTATIONS, DEFAULT_ATTN_IMPLEMENTATION  # noqa: PLC0415
+
+    parser.add_argument("--attn-implementation", choices=ATTN_IMPLEMENTATIONS, default=DEFAULT_ATTN_IMPLEMENTATION,
+                        help=f"the language model's attention{where}; the vision tower keeps sdpa; "
+                             "flash_attention_2 needs the flash-attn package and a CUDA device")
+
+
+def check_attn_implementation_option(name: str, device: str | None = None, dtype=None, *,
+                                     dtype_hint: str = "--dtype bf16 or fp16",
+                                     option: str = "--attn-implementation") -> str:
+    """`name` if it can run here (epic_ext.models.families.check_attn_implementation: flash-attn importable, the
+    device, the dtype), else a UsageError naming the option (and `dtype_hint` for a dtype it cannot run in); runs
+    before any model loads."""
+    from .models.families import check_attn_implementation  # noqa: PLC0415
+
+    try:
+        return check_attn_implementation(name, device, dtype)
+    except ValueError as error:
+        message = str(error)
+        message = (option + message[len("attn_implementation"):] if message.startswith("attn_implementation")
+                   else f"{option}: {message}")
+        if "float16 or bfloat16 only" in message:
+            message += f": give {dtype_hint}"
+        raise UsageError(message) from None
+
+
 def describe_skips(skipped: Mapping[str, int]) -> str:
     """`missing_image: 31, bad_record: 1`, most frequent reason first."""
     return ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from .cost import DTYPES, load_config, model_shape, report
-from .models.families import builtin_shapes
+from .models.families import builtin_shapes, check_attn_implementation, set_text_attn_implementation
 
 _logger = logging.getLogger(__name__)
 
@@ -74,8 +74,12 @@ def available_memory(device: str) -> int:
     raise RuntimeError("available_memory: no MemAvailable in /proc/meminfo")
 
 
-def build_random_llava(config, dtype: str = "bf16", device: str = "cpu"):
+def build_random_llava(config, dtype: str = "bf16", device: str = "cpu", attn_implementation: str | None = None):
     """A LlavaForConditionalGeneration with random weights, created directly in `dtype` on `device` (eval mode).
+
+    Args:
+        attn_implementation: the language model's attention (epic_ext.models.families.ATTN_IMPLEMENTATIONS, checked
+            before the model is built); None: transformers' default (sdpa).
 
     Raises:
         MemoryError: when the weights would take more than 60% of the free memory of the device.
@@ -84,6 +88,8 @@ def build_random_llava(config, dtype: str = "bf16", device: str = "cpu"):
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: no CUDA device available")
+    if attn_implementation is not None:
+        check_attn_implementation(attn_implementation, device, DTYPES[dtype])
     with torch.device("meta"):
         params = sum(p.numel() for p in LlavaForConditionalGeneration._from_config(config).parameters())
     weight_bytes = params * torch.empty((), dtype=DTYPES[dtype]).element_size()
@@ -95,6 +101,8 @@ def build_random_llava(config, dtype: str = "bf16", device: str = "cpu"):
     _logger.info("building a random %.2fB-parameter LLaVA in %s on %s", params / 1e9, dtype, device)
     with torch.device(device):
         model = LlavaForConditionalGeneration._from_config(config, dtype=DTYPES[dtype])
+    if attn_implementation is not None:
+        set_text_attn_implementation(model, attn_implementation)
     return model.eval()
 
 
@@ -177,11 +185,11 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:])
 
 
-_OPTIONS = ("keep", "layers", "layer", "model", "dtype", "device", "text_tokens", "batch", "visual_tokens", "measure")
+_OPTIONS = ("attn_implementation", "keep", "layers", "layer", "model", "dtype", "device", "text_tokens", "batch", "visual_tokens", "measure")
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .cli import HelpFormatter, Parser  # noqa: PLC0415
+    from .cli import HelpFormatter, Parser, add_attn_implementation_argument  # noqa: PLC0415
 
     p = Parser(prog="python -m epic_ext.efficiency", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--model", default="llava-1.5-7b", help=f"{' | '.join(builtin_shapes())} | checkpoint dir")
@@ -201,6 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of --measure (the median is shown)")
     p.add_argument("--layers", type=int, help="decoder layers of the model (shrink for a smoke run)")
     p.add_argument("--tiny", action="store_true", help="tiny model with 576 visual tokens (CPU smoke run)")
+    add_attn_implementation_argument(p, " in the --measure model")
     return p
 
 
@@ -209,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        if args.measure:  # before anything is built
+            check_attn_implementation(args.attn_implementation, args.device, DTYPES[args.dtype])
         shape = model_shape("llava-1.5-7b" if args.tiny else args.model)
         builds = args.tiny or args.measure or args.layers is not None
         if builds and not args.tiny and shape.family != "llava":
@@ -229,8 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.measure:
             if args.decode_tokens < 0 or args.repeats < 1:
                 raise ValueError("--decode-tokens must be >= 0 and --repeats >= 1")
-            print(f"building a random-weight model on {args.device} ...", flush=True)
-            model = build_random_llava(config, args.dtype, args.device)
+            print(f"building a random-weight model on {args.device} ({args.attn_implementation} attention) ...",
+                  flush=True)
+            model = build_random_llava(config, args.dtype, args.device, args.attn_implementation)
             for row in rows:
                 print(f"measuring keep={row['keep']} ...", flush=True)
                 measured = measure_latency(model, row["keep"], layer=args.layer, method=args.method,

@@ -21,12 +21,12 @@ from collections.abc import Sequence
 import torch
 
 from . import cost
-from .cli import (HelpFormatter, Parser, UsageError, check_skipped, describe_skips, load_model_config,
-                  load_records_option, run_main)
+from .cli import (HelpFormatter, Parser, UsageError, add_attn_implementation_argument, check_attn_implementation_option,
+                  check_skipped, describe_skips, load_model_config, load_records_option, run_main)
 from .compress import available as available_methods
 from .compress import get_compressor
 from .models import apply_compression
-from .data.records import IMAGE_PLACEHOLDER, image_names
+from .data.records import IMAGE_PLACEHOLDER, image_names, placeholder_problem, video_frames
 from .models.adapter import adapter_for
 from .models.families import FAMILIES, TRAINABLE, Family, family_of
 
@@ -41,15 +41,16 @@ def normalize_answer(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
-def _item_problem(question: str, images: list[str]) -> tuple[str, str] | None:
-    """(reason, detail) when the item cannot be evaluated: placeholders that do not fit the images, a missing
-    or undecodable image. The reasons are the training data's (epic_ext.train.data.SKIP_REASONS)."""
+def _item_problem(question: str, images: list[str], frames: list[str] = ()) -> tuple[str, str] | None:
+    """(reason, detail) when the item cannot be evaluated: placeholders that do not fit the images (the video), a
+    missing or undecodable image or video frame. The reasons are the training data's
+    (epic_ext.data.records.SKIP_REASONS)."""
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
 
-    placeholders = question.count(IMAGE_PLACEHOLDER) or len(images)
-    if placeholders != len(images):
-        return "bad_record", f"{placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images"
-    for path in images:
+    problem = placeholder_problem([{"from": "human", "value": question}], len(images), int(bool(frames)))
+    if problem is not None:
+        return "bad_record", problem
+    for path in [*images, *frames]:
         if not os.path.isfile(path):
             return "missing_image", f"image file {path} is missing"
         try:
@@ -61,7 +62,7 @@ def _item_problem(question: str, images: list[str]) -> tuple[str, str] | None:
 
 
 def collect_items(records: Sequence[dict], image_folder: str | os.PathLike, *,
-                  on_bad_image: str = "skip") -> tuple[list[dict], Counter]:
+                  on_bad_image: str = "skip", videos: bool = False) -> tuple[list[dict], Counter]:
     """Question/answer items from LLaVA-format records (first human turn, first gpt turn), skipping what cannot
     be evaluated with the training data's policy.
 
@@ -71,10 +72,13 @@ def collect_items(records: Sequence[dict], image_folder: str | os.PathLike, *,
         on_bad_image: "skip" (count the record and log a warning) or "error" (ValueError naming the record) for
             a missing or undecodable image or placeholders that do not fit the images. Records without a human or
             a gpt turn (nothing to ask, no reference answer) are always skipped ("no_answer").
+        videos: whether the model takes video records (the processor's `videos`); without it a record with a
+            ``video`` is a bad record.
 
     Returns:
         (items, skipped): items with id, question (``<image>`` placeholders added when absent), answer, family,
-        images (paths); skipped maps reason -> number of records.
+        images (paths), and for a video record video (its frame paths, time order) and fps (the record's, or
+        None); skipped maps reason -> number of records.
     """
     if on_bad_image not in ("skip", "error"):
         raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
@@ -89,8 +93,9 @@ def collect_items(records: Sequence[dict], image_folder: str | os.PathLike, *,
             skipped["no_answer"] += 1
             continue
         images = [os.path.join(image_folder, name) for name in image_names(record)]
-        problem = (("bad_record", "a video record: evaluation takes images only") if record.get("video")
-                   else _item_problem(question, images))
+        frames = [os.path.join(image_folder, name) for name in video_frames(record)]
+        problem = (("bad_record", "a video record: this model takes images only") if frames and not videos
+                   else _item_problem(question, images, frames))
         if problem is not None:
             if on_bad_image == "error":
                 raise ValueError(f"eval: record {record_id!r} (index {index}): {problem[1]}")
@@ -99,8 +104,11 @@ def collect_items(records: Sequence[dict], image_folder: str | os.PathLike, *,
             continue
         if images and IMAGE_PLACEHOLDER not in question:
             question = (IMAGE_PLACEHOLDER + "\n") * len(images) + question
-        items.append({"id": record_id, "question": question, "answer": answer,
-                      "family": record.get("family", "all"), "images": images})
+        item = {"id": record_id, "question": question, "answer": answer, "family": record.get("family", "all"),
+                "images": images}
+        if frames:
+            item.update(video=frames, fps=record.get("fps"))
+        items.append(item)
     return items, skipped
 
 
@@ -122,8 +130,8 @@ def prompt_inputs(processor, chunk: list[dict]) -> dict:
     Args:
         processor: LLaVA-1.5's processor, or a ChatProcessor.
         chunk: items with "question" (``<image>`` / ``<video>`` placeholders where the visuals stand), "images"
-            (paths or PIL images, in placeholder order) and optionally "video" (its frames as PIL images, time
-            order) with "fps" (frames per second of those frames).
+            (paths or PIL images, in placeholder order) and optionally "video" (its frames as paths or PIL images,
+            time order) with "fps" (frames per second of those frames; None: DEFAULT_VIDEO_FPS).
 
     Raises:
         ValueError: a video item for a processor or family that takes images only.
@@ -135,7 +143,8 @@ def prompt_inputs(processor, chunk: list[dict]) -> dict:
     if hasattr(processor, "prompt_batch"):
         if any(has_video) and not processor.videos:
             raise ValueError("a video sample: this model family takes images only here")
-        videos = [(item["video"], float(item.get("fps") or DEFAULT_VIDEO_FPS)) if video else None
+        videos = [([_open_image(frame) for frame in item["video"]], float(item.get("fps") or DEFAULT_VIDEO_FPS))
+                  if video else None
                   for item, video in zip(chunk, has_video)]
         batch = processor.prompt_batch([[{"from": "human", "value": item["question"]}] for item in chunk], images,
                                        padding_side="left", videos=videos)
@@ -211,15 +220,17 @@ def evaluate(model, processor, items: list[dict], settings: Sequence[dict], *, b
 
     Args:
         settings: dicts with "method" and "keep" (visual tokens kept: per image for LLaVA-1.5, where the model's
-            count means no compression; per sample for the dynamic-resolution families; None = no compression),
-            and optionally "layer" (default 2).
+            count means no compression; per sample for the dynamic-resolution families; None = no compression)
+            or "ratio" (the fraction of each sample's visual tokens removed, in [0, 1); 0 = no compression), and
+            optionally "layer" (default 2).
         processor: LLaVA-1.5's processor, or a ChatProcessor (epic_ext.data.chat) for Qwen2.5-VL / Qwen3-VL /
             LLaVA-OneVision.
         seed: seeds the generator of random compression, so every model sees the same drop pattern.
 
     Returns:
-        Per setting: method, layer, keep, n, accuracy (%), per-family accuracy, and the efficiency figures of
-        cost.report for this model's shape (prefill TFLOPs by the FastV formula and exactly, KV MB).
+        Per setting: method, layer, keep (visual tokens kept; for a ratio, of the mean sample), ratio (None for a
+        keep setting), n, accuracy (%), per-family accuracy, and the efficiency figures of cost.report for this
+        model's shape (prefill TFLOPs by the FastV formula and exactly, KV MB).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"evaluate: batch_size must be an int >= 1, got {batch_size!r}")
@@ -229,7 +240,13 @@ def evaluate(model, processor, items: list[dict], settings: Sequence[dict], *, b
     # a per-image budget has a fixed count; dynamic resolution is counted per item
     fixed = shape.visual_tokens if family_of(model, FAMILIES).per_image_budget else None
     for setting in settings:
-        keep = setting.get("keep")
+        keep, ratio = setting.get("keep"), setting.get("ratio")
+        if keep is not None and ratio is not None:
+            raise ValueError(f"evaluate: a setting gives keep or ratio, not both, got {setting}")
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not 0.0 <= ratio < 1.0):
+            raise ValueError(f"evaluate: ratio must be a number in [0, 1) (the fraction of visual tokens removed), "
+                             f"got {ratio!r}")
         if keep is not None and fixed is not None and not 0 <= keep <= fixed:
             raise ValueError(f"evaluate: keep must be in [0, {fixed}] (the model's visual tokens per image), got "
                              f"{keep}")
@@ -238,11 +255,16 @@ def evaluate(model, processor, items: list[dict], settings: Sequence[dict], *, b
     rows = []
     for setting in settings:
         method, keep, layer = setting.get("method", "fastv"), setting.get("keep"), setting.get("layer", 2)
-        full = keep is None or (fixed is not None and keep >= fixed)
+        ratio = setting.get("ratio")
+        if ratio is not None:
+            full = ratio == 0
+        else:
+            full = keep is None or (fixed is not None and keep >= fixed)
         handle = None
         if not full:
             kwargs = {"generator": torch.Generator().manual_seed(seed)} if method == "random" else {}
-            handle = apply_compression(model, method, layer=layer, keep=int(keep), **kwargs)
+            amount = {"ratio": float(ratio)} if ratio is not None else {"keep": int(keep)}
+            handle = apply_compression(model, method, layer=layer, **amount, **kwargs)
         try:
             predictions, visual_counts = _generate(model, processor, items, batch_size, max_new_tokens, device)
         finally:
@@ -254,13 +276,18 @@ def evaluate(model, processor, items: list[dict], settings: Sequence[dict], *, b
         families: dict[str, list[bool]] = {}
         for ok, item in zip(correct, items):
             families.setdefault(item["family"], []).append(ok)
-        kept = shape.visual_tokens if full else min(int(keep), shape.visual_tokens)
+        if full:
+            kept = shape.visual_tokens
+        elif ratio is not None:  # what the engine keeps of the mean sample
+            kept = cost.kept_from_ratio(shape.visual_tokens, float(ratio))
+        else:
+            kept = min(int(keep), shape.visual_tokens)
         # without compression the layer is irrelevant: any valid one gives the uncompressed cost
         cost_row = cost.report(shape, keeps=[kept], layer=0 if full else layer, text_tokens=32,
                                dtype="fp32" if model.dtype == torch.float32 else "bf16",
                                method="random" if full else method)[0]
         rows.append({"method": "none" if full else method, "layer": None if full else layer, "keep": kept,
-                     "n": len(items), "accuracy": 100.0 * sum(correct) / max(len(correct), 1),
+                     "ratio": None if ratio is None else float(ratio), "n": len(items), "accuracy": 100.0 * sum(correct) / max(len(correct), 1),
                      "families": {k: 100.0 * sum(v) / len(v) for k, v in sorted(families.items())},
                      "prefill_tflops_fastv": cost_row["fastv_tflops"],
                      "prefill_tflops_exact": cost_row["exact_tflops"], "kv_mb": cost_row["kv_mb"], "predictions": predictions})
@@ -268,13 +295,16 @@ def evaluate(model, processor, items: list[dict], settings: Sequence[dict], *, b
 
 
 def format_rows(rows: list[dict]) -> str:
+    """The rows as a table; a `ratio` column when a row was set by ratio (its `keep` is then the mean sample's)."""
     families = sorted({f for r in rows for f in r["families"]})
-    head = f"{'method':<8} {'layer':>5} {'keep':>5} {'n':>5} {'acc %':>7} " + " ".join(f"{f[:8]:>8}" for f in families)
-    head += f" {'GFLOPs':>10} {'KV MB':>9}"
+    by_ratio = any(r.get("ratio") is not None for r in rows)
+    head = f"{'method':<8} {'layer':>5} " + (f"{'ratio':>6} " if by_ratio else "") + f"{'keep':>5} {'n':>5} "
+    head += f"{'acc %':>7} " + " ".join(f"{f[:8]:>8}" for f in families) + f" {'GFLOPs':>10} {'KV MB':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         fam = " ".join(f"{r['families'].get(f, float('nan')):>8.1f}" for f in families)
-        lines.append(f"{r['method']:<8} {str(r['layer'] if r['layer'] is not None else '-'):>5} {r['keep']:>5} "
+        ratio = (f"{r['ratio']:>6.3g} " if r.get("ratio") is not None else f"{'-':>6} ") if by_ratio else ""
+        lines.append(f"{r['method']:<8} {str(r['layer'] if r['layer'] is not None else '-'):>5} {ratio}{r['keep']:>5} "
                      f"{r['n']:>5} {r['accuracy']:>7.1f} {fam} {1000 * r['prefill_tflops_exact']:>10.4g} {r['kv_mb']:>9.4g}")
     return "\n".join(lines)
 
@@ -288,11 +318,14 @@ def build_parser() -> Parser:
     parser.add_argument("--data", required=True, help="LLaVA-format JSON / JSONL QA file")
     parser.add_argument("--image-folder", default=".", help="folder the records' image paths start from")
     parser.add_argument("--method", nargs="+", default=["fastv"], help=f"compressors, of {available_methods()}")
-    parser.add_argument("--keep", type=int, nargs="+", default=None,
+    amount = parser.add_mutually_exclusive_group()
+    amount.add_argument("--keep", type=int, nargs="+", default=None,
                         help="visual tokens kept per image for LLaVA-1.5 (default: all of the model's, 1/3, 2/9 and 1/9 "
                              "of them: 576 192 128 64); per sample, over all its images, for Qwen2.5-VL / Qwen3-VL / "
-                             "OneVision "
-                             "(required there: their counts vary with the image sizes)")
+                             "OneVision (there --keep or --ratio is required: their counts vary with the image sizes)")
+    amount.add_argument("--ratio", type=float, nargs="+", default=None,
+                        help="instead of --keep: fractions of each sample's visual tokens removed, each in [0, 1) "
+                             "(0: the uncompressed model), for every family")
     parser.add_argument("--layer", type=int, default=2, help="compression layer K")
     parser.add_argument("--batch-size", type=int, default=8, help="items generated together")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="longest generated answer")
@@ -303,14 +336,16 @@ def build_parser() -> Parser:
     parser.add_argument("--max-skip-fraction", type=float, default=0.01,
                         help="stop when more than this share of the records is skipped (as in training)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="model dtype")
+    add_attn_implementation_argument(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--output", help="write the rows as JSON here")
     parser.add_argument("--seed", type=int, default=0, help="seed of random compression")
     return parser
 
 
-def _check_args(args, config) -> list[int]:
-    """Validates the command line against the model's config.json; returns the visual-token counts to keep."""
+def _check_args(args, config) -> list[int] | None:
+    """Validates the command line against the model's config.json; returns the visual-token counts to keep (None
+    with --ratio)."""
     for name in ("batch_size", "max_new_tokens", "limit"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -322,10 +357,16 @@ def _check_args(args, config) -> list[int]:
         raise UsageError(f"--method must be among {available_methods()}, got {unknown}")
     family = family_of(config)
     visual = family.visual_tokens_per_image(config)
-    if visual is None:  # dynamic resolution: no fixed count, keep is per sample over all its visual tokens
+    if args.ratio is not None:
+        bad = [r for r in args.ratio if not 0.0 <= r < 1.0]
+        if bad:
+            raise UsageError(f"--ratio values must be in [0, 1) (the fraction of visual tokens removed), got {bad}")
+        keeps = None
+    elif visual is None:  # dynamic resolution: no fixed count, keep is per sample over all its visual tokens
         if not args.keep:
-            raise UsageError(f"--keep is required for a {family.name} model (its visual tokens per sample vary with "
-                             "the image sizes): give the visual tokens kept per sample")
+            raise UsageError(f"--keep or --ratio is required for a {family.name} model (its visual tokens per sample "
+                             "vary with the image sizes): give the visual tokens kept per sample, or the fraction "
+                             "removed")
         keeps = args.keep
         bad = [k for k in keeps if k < 1]
         if bad:
@@ -337,7 +378,9 @@ def _check_args(args, config) -> list[int]:
             raise UsageError(f"--keep must be in [1, {visual}] (the model's visual tokens per image), got {bad}")
     layers = config.text_config.num_hidden_layers
     low = max(get_compressor(m).min_layer for m in args.method)
-    if any(visual is None or k < visual for k in keeps) and not low <= args.layer < layers:
+    compresses = (any(r > 0 for r in args.ratio) if keeps is None
+                  else any(visual is None or k < visual for k in keeps))
+    if compresses and not low <= args.layer < layers:
         raise UsageError(f"--layer must be in [{low}, {layers - 1}] for --method {' '.join(args.method)} on this "
                          f"model ({layers} decoder layers), got {args.layer}")
     try:
@@ -346,16 +389,23 @@ def _check_args(args, config) -> list[int]:
         raise UsageError(f"--device: {error}") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available")
+    check_attn_implementation_option(args.attn_implementation, args.device, cost.DTYPES[args.dtype])
     return keeps
 
 
 METHODS = ("fastv", "dart", "random")
 
 
-def compression_settings(family: Family, config, keeps: Sequence[int], *, layer: int,
-                         methods: Sequence[str] = METHODS, baseline: bool = True) -> list[dict]:
+def compression_settings(family: Family, config, keeps: Sequence[int] | None, *, layer: int,
+                         methods: Sequence[str] = METHODS, baseline: bool = True,
+                         ratios: Sequence[float] | None = None) -> list[dict]:
     """The settings `evaluate` runs: the uncompressed model first (unless `baseline` is False), then each method at
-    every kept count that compresses (for a per-image budget, counts below the model's visual tokens per image)."""
+    every kept count that compresses (for a per-image budget, counts below the model's visual tokens per image), or,
+    with `ratios` instead of `keeps`, at every ratio above 0 (the uncompressed row says ratio 0)."""
+    if ratios is not None:
+        settings = [{"method": "none", "ratio": 0.0, "layer": layer}] if baseline else []
+        return settings + [{"method": method, "ratio": float(ratio), "layer": layer} for method in methods
+                           for ratio in ratios if ratio > 0]
     visual = family.visual_tokens_per_image(config)
     settings = [{"method": "none", "keep": None, "layer": layer}] if baseline else []
     settings += [{"method": method, "keep": keep, "layer": layer} for method in methods for keep in keeps
@@ -379,26 +429,37 @@ def default_keeps(family: Family, config, fractions: Sequence[tuple[int, int]] =
     return [visual * numerator // denominator for numerator, denominator in fractions]
 
 
+def check_video_frames(family: Family, items: Sequence[dict], option: str = "--data") -> None:
+    """A family that batches videos of one frame count only (LLaVA-OneVision) refuses items whose videos differ."""
+    counts = sorted({len(item["video"]) for item in items if item.get("video")})
+    if family.uniform_video_frames and len(counts) > 1:
+        raise UsageError(f"{option}: {family.title} batches videos of one frame count; the video records have "
+                         f"{counts} frames: sample every video to the same number of frames")
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     config = load_model_config(args.model, families=TRAINABLE)
     keeps = _check_args(args, config)
     records = load_records_option(args.data, "--data")
+    family = family_of(config)
+    processor = family.load_processor(args.model)  # tokenizer and image processor: it says whether video is taken
     try:
-        items, skipped = collect_items(records, args.image_folder, on_bad_image=args.on_bad_image)
+        items, skipped = collect_items(records, args.image_folder, on_bad_image=args.on_bad_image,
+                                       videos=getattr(processor, "videos", False))
     except ValueError as error:
         raise UsageError(f"--on-bad-image error: {error}") from error
     check_skipped(skipped, len(records), args.max_skip_fraction, image_folder=args.image_folder,
                   what="evaluation records")
     if args.limit is not None:
         items = items[: args.limit]
-    family = family_of(config)
-    model = family.load_model(args.model, cost.DTYPES[args.dtype])
+    check_video_frames(family, items)
+    model = family.load_model(args.model, cost.DTYPES[args.dtype], attn_implementation=args.attn_implementation)
     model.to(args.device)
-    processor = family.load_processor(args.model)
-    visual = family.visual_tokens_per_image(config)  # LLaVA-1.5: the uncompressed row when a keep asks for it
+    visual = family.visual_tokens_per_image(config)  # the uncompressed row when a keep or a ratio asks for it
+    baseline = (visual is None or any(k >= visual for k in keeps)) if keeps is not None else 0 in args.ratio
     settings = compression_settings(family, config, keeps, layer=args.layer, methods=args.method,
-                                    baseline=visual is None or any(k >= visual for k in keeps))
+                                    baseline=visual is None or baseline, ratios=args.ratio)
     rows = evaluate(model, processor, items, settings, batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed)
     if sum(skipped.values()):

@@ -9,7 +9,8 @@ lmms_eval, and ``import epic_ext`` never imports this module.
 Model arguments (``--model_args k=v,...``): ``pretrained`` (checkpoint directory or Hub id; its config.json's
 model_type picks the family: LLaVA-1.5, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision), ``method`` (fastv, dart, random),
 ``layer`` (K, default 2), ``keep`` (visual tokens kept per sample) or ``ratio`` (fraction removed), ``batch_size``,
-``dtype`` (auto, fp32, bf16, fp16), ``device``, ``attn_implementation``, ``max_frames_num`` (frames sampled from a
+``dtype`` (auto, fp32, bf16, fp16), ``device``, ``attn_implementation`` (the language model's: eager,
+sdpa, flash_attention_2; default sdpa), ``max_frames_num`` (frames sampled from a
 video, default 32; all of a shorter one's), ``max_new_tokens`` (when the task's generation_kwargs give none, default
 128), ``seed`` (Random compression), ``min_pixels`` / ``max_pixels`` (Qwen2.5-VL / Qwen3-VL: the image processor's
 pixel budget per image or video frame, in place of the checkpoint's; lmms-eval's own qwen2_5_vl wrapper runs at
@@ -48,7 +49,7 @@ from .compress import get_compressor
 from .data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from .eval import generate_chunk
 from .models import apply_compression
-from .models.families import TRAINABLE, describe, family_of
+from .models.families import TRAINABLE, check_attn_implementation, describe, family_of
 
 _logger = logging.getLogger(__name__)
 
@@ -191,6 +192,16 @@ def parse_model_args(pretrained=None, method=None, layer=None, keep=None, ratio=
         max_pixels = None if max_pixels is None else _int("max_pixels", max_pixels, 1)
         if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
             _fail(f"min_pixels ({min_pixels}) must be <= max_pixels ({max_pixels})")
+    if attn_implementation is not None:
+        try:
+            weights = DTYPES[str(dtype)]  # "auto": the checkpoint's, not known before it loads
+            check_attn_implementation(str(attn_implementation), parsed,
+                                      weights if isinstance(weights, torch.dtype) else None)
+        except ValueError as error:  # "attn_implementation flash_attention_2 needs ..." -> "...=flash_attention_2 ..."
+            named = f"attn_implementation {attn_implementation} "
+            message = str(error)
+            _fail(f"attn_implementation={attn_implementation} {message[len(named):]}" if message.startswith(named)
+                  else message)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _fail("the epic_ext model runs in one process; launch lmms-eval without several processes")
     settings = PluginSettings(
@@ -212,6 +223,8 @@ def load_processor(family, pretrained: str, min_pixels: int | None = None, max_p
               if value is not None}
     if budget:
         processor.image_processor = type(processor.image_processor).from_pretrained(pretrained, **budget)
+        if getattr(processor, "official", None) is not None:  # the checkpoint's own processor: its image part too
+            processor.official.image_processor = processor.image_processor
     return processor
 
 
@@ -344,8 +357,8 @@ class EpicExt(lmms):
         super().__init__()
         self.settings, self.family, config = parse_model_args(**model_args)
         s = self.settings
-        kwargs = {"attn_implementation": s.attn_implementation} if s.attn_implementation else {}
-        self.model = self.family.load_model(s.pretrained, DTYPES[s.dtype], **kwargs).to(s.device).eval()
+        self.model = self.family.load_model(s.pretrained, DTYPES[s.dtype],
+                                            attn_implementation=s.attn_implementation).to(s.device).eval()
         self.processor = load_processor(self.family, s.pretrained, s.min_pixels, s.max_pixels)
         self.handle = None
         if s.compressed:

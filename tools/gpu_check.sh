@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make gpu-check: the one command for a machine with a GPU (about 8 minutes on an H100 / H200). Builds epic_ext with
 # its CUDA kernels against the torch that is there, runs the op tests' CUDA cases, runs them again under
-# compute-sanitizer (memcheck, racecheck, synccheck), and runs the benchmarks (bench/: temperature_kl vs copy
+# compute-sanitizer (memcheck, racecheck, synccheck), runs the compressed-vs-reference model tests with flash
+# attention where flash-attn is installed, and runs the benchmarks (bench/: temperature_kl vs copy
 # bandwidth, eager, torch.compile and Liger-Kernel; the token ops vs eager attention + topk; the LLaVA-7B-shaped
 # prefill; the TCD/SFT train step), whose rows land in bench/results/*.csv with the device name, and, where Nsight
 # Compute is installed, records its memory counters next to the emulator's (tools/ncu_perf.py). A summary with every
@@ -44,6 +45,15 @@ step "build (EPIC_EXT_CUDA=ON)" env EPIC_EXT_CUDA=ON TORCH_CUDA_ARCH_LIST="${TOR
 step "extension has CUDA kernels" "$PYTHON" -c \
   "import torch, epic_ext; i = epic_ext.build_info(); print(i, torch.cuda.get_device_name()); assert i['cuda_built']"
 step "op tests, CUDA cases" "$PYTHON" -m pytest "${OPS_TESTS[@]}" -m cuda -q -p no:cacheprovider
+# The compressed-vs-reference model tests under flash_attention_2 (fp16 on the GPU against the fp32 reference; they
+# skip, and the summary says so, where the flash-attn package is not installed).
+if "$PYTHON" -c "import flash_attn" 2>/dev/null; then
+  step "model tests, flash_attention_2" "$PYTHON" -m pytest python_tests/models -m cuda -k flash_attention_2 -q \
+    -p no:cacheprovider -rs
+else
+  echo "==== model tests, flash_attention_2: skipped, flash-attn is not installed"
+  summary+=("| model tests, flash_attention_2 | skipped: no flash-attn | 0 s |")
+fi
 # Without the caching allocator every tensor is its own allocation, so memcheck sees out-of-bounds accesses that
 # would otherwise land in a neighbouring tensor of the same pool block.
 step "compute-sanitizer memcheck" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \

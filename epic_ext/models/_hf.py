@@ -15,6 +15,7 @@ Known moves absorbed here:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -181,6 +182,9 @@ def eager_attention_function(attention_module) -> Callable:
     return function
 
 
+_REGISTERED: set[str] = set()  # attention names register_attention added (epic_ext_<original>)
+
+
 def register_attention(name: str, function: Callable, mask_of: str) -> None:
     """Registers an attention function under `name` with the mask builder of `mask_of`.
 
@@ -194,6 +198,7 @@ def register_attention(name: str, function: Callable, mask_of: str) -> None:
         raise ValueError(f"apply_compression: no mask function for attention implementation {mask_of!r}")
     modules["modeling_utils"].AttentionInterface.register(name, function)
     masks.register(name, mask_function)
+    _REGISTERED.add(name)
 
 
 def text_attention_implementation(text_config) -> str:
@@ -202,10 +207,34 @@ def text_attention_implementation(text_config) -> str:
 
 
 def set_text_attention_implementation(model, text_config, name: str) -> None:
-    """Switches only the language model: set_attn_implementation(name) would also switch the vision tower."""
-    model.set_attn_implementation({"text_config": name})
-    if text_config._attn_implementation != name:  # a release whose setter skipped the text config
+    """Switches only the language model: set_attn_implementation(name) would also switch the vision tower.
+
+    Switching to a name register_attention added, or back from one (the original name, checked when the model got
+    it), is a write of the config's field: set_attn_implementation checks and preloads by name, and for a name
+    containing "flash" (epic_ext_flash_attention_2) it looks for a Hub kernel of that name
+    (modeling_utils._check_and_adjust_attn_implementation -> lazy_import_flash_attention) and fails.
+    """
+    if name not in _REGISTERED and text_config._attn_implementation not in _REGISTERED:
+        model.set_attn_implementation({"text_config": name})
+    if text_config._attn_implementation != name:  # our own name, or a release whose setter skipped the text config
         text_config._attn_implementation_internal = name  # private backing field of _attn_implementation
+
+
+@contextlib.contextmanager
+def reporting_attention_implementation(config, name: str):
+    """Inside the block, `config._attn_implementation` reads `name`.
+
+    integrations.flash_attention.flash_attention_forward picks its kernels by `module.config._attn_implementation`
+    (modeling_flash_attention_utils.lazy_import_flash_attention: "flash_attention_2" -> the flash_attn package, any
+    other name -> a Hub kernel of that name): while the text model dispatches on epic_ext_flash_attention_2, the
+    wrapped flash function must see the original name.
+    """
+    saved = config._attn_implementation_internal
+    config._attn_implementation_internal = name
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = saved
 
 
 # ------------------------------------------------------------------------------------------------ forward glue --

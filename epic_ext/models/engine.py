@@ -61,6 +61,9 @@ def _wrapped_attention(original_name: str, eager_function):
         if capture is not None:
             capture(query, key, kwargs.get("scaling"))
         original = eager_function if original_name == "eager" else _hf.attention_function(original_name)
+        if "flash" in original_name:  # flash picks its kernels by the config's name: it must see its own
+            with _hf.reporting_attention_implementation(module.config, original_name):
+                return original(module, query, key, value, attention_mask, **kwargs)
         return original(module, query, key, value, attention_mask, **kwargs)
 
     return attention

@@ -19,6 +19,52 @@ from dataclasses import dataclass, field
 import torch
 
 
+# The language model's attention implementations the CLIs take (--attn-implementation); the pruning engine wraps
+# each (FastV and DART read layer K-1's query and key rows from the wrapper, never attention probabilities).
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+DEFAULT_ATTN_IMPLEMENTATION = "sdpa"
+
+
+def check_attn_implementation(name: str, device: str | torch.device | None = None,
+                              dtype: torch.dtype | None = None) -> str:
+    """`name` if the language model can run it here, before any model loads.
+
+    Args:
+        name: one of ATTN_IMPLEMENTATIONS.
+        device: where the model will run (flash_attention_2 needs a CUDA device); None: not checked.
+        dtype: the model's weights (flash_attention_2 runs fp16 / bf16 only: transformers passes fp32 queries of an
+            fp32 model through, and the kernels refuse them); None: not checked.
+
+    Raises:
+        ValueError: an unknown name; flash_attention_2 without an importable flash-attn package, on a device that
+            is not CUDA, or with fp32 weights.
+    """
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {name!r}")
+    if name == "flash_attention_2":
+        import importlib  # noqa: PLC0415
+
+        try:
+            importlib.import_module("flash_attn")
+        except (ImportError, OSError) as error:  # a broken build raises OSError for its CUDA libraries
+            raise ValueError("attn_implementation flash_attention_2 needs the flash-attn package, which cannot be "
+                             f"imported here ({type(error).__name__}: {' '.join(str(error).split())}): pip install "
+                             "flash-attn, or use sdpa") from None
+        if device is not None and torch.device(device).type != "cuda":
+            raise ValueError(f"attn_implementation flash_attention_2 runs on CUDA devices only, not {device}")
+        if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"attn_implementation flash_attention_2 runs in float16 or bfloat16 only, not "
+                             f"{str(dtype).removeprefix('torch.')}")
+    return name
+
+
+def set_text_attn_implementation(model, name: str) -> None:
+    """Switches the language model of a loaded model to attention `name` (the vision tower keeps its own)."""
+    from . import _hf  # noqa: PLC0415
+
+    _hf.set_text_attention_implementation(model, model.config.get_text_config(), name)
+
+
 @dataclass(frozen=True)
 class LMShape:
     """The dimensions of a Llama-style language model that FLOPs and KV bytes depend on (epic_ext.cost)."""
@@ -143,11 +189,22 @@ class Family:
     def trainable(self) -> bool:
         return self.dataset_factory is not None
 
-    def load_model(self, path: str, dtype: torch.dtype, **kwargs):
-        """`<model_class>.from_pretrained(path, dtype=dtype, **kwargs)`."""
+    def load_model(self, path: str, dtype: torch.dtype, *, attn_implementation: str | None = None, **kwargs):
+        """`<model_class>.from_pretrained(path, dtype=dtype, **kwargs)`.
+
+        Args:
+            attn_implementation: the language model's attention (one of ATTN_IMPLEMENTATIONS, checked with
+                check_attn_implementation before any weight is read); the vision tower keeps transformers' default.
+                None: transformers' default for both (sdpa).
+        """
         import transformers  # noqa: PLC0415
 
-        return getattr(transformers, self.model_class).from_pretrained(path, dtype=dtype, **kwargs)
+        if attn_implementation is not None:
+            check_attn_implementation(attn_implementation)
+        model = getattr(transformers, self.model_class).from_pretrained(path, dtype=dtype, **kwargs)
+        if attn_implementation is not None:
+            set_text_attn_implementation(model, attn_implementation)
+        return model
 
     def load_processor(self, path: str, backend: str = "auto"):
         """The processor of the checkpoint at `path` (its AutoProcessor for LLaVA-1.5 / NeXT, a ChatProcessor for
@@ -272,9 +329,9 @@ def family_of_checkpoint(path: str, families: dict[str, Family] = TRAINABLE) -> 
     return family_of(AutoConfig.from_pretrained(path), families)
 
 
-def load_model(path: str, family: Family, dtype: torch.dtype):
-    """`<family.model_class>.from_pretrained(path, dtype=dtype)`."""
-    return family.load_model(path, dtype)
+def load_model(path: str, family: Family, dtype: torch.dtype, attn_implementation: str | None = None):
+    """`<family.model_class>.from_pretrained(path, dtype=dtype)` (see Family.load_model)."""
+    return family.load_model(path, dtype, attn_implementation=attn_implementation)
 
 
 def load_processor(path: str, family: Family | None = None):

@@ -22,18 +22,21 @@ def run_eval(cfg: TrainConfig, model_dir: str) -> list[dict]:
     import torch  # noqa: PLC0415
 
     from ..cli import check_skipped, load_records_option  # noqa: PLC0415
-    from ..eval import collect_items, compression_settings, default_keeps, evaluate, format_rows  # noqa: PLC0415
+    from ..eval import (check_video_frames, collect_items, compression_settings, default_keeps, evaluate,  # noqa: PLC0415
+                        format_rows)
     from ..models.families import family_of_checkpoint  # noqa: PLC0415
 
     records = load_records_option(cfg.eval_data, "--eval-data")
-    items, skipped = collect_items(records, cfg.image_folder, on_bad_image=cfg.on_bad_image)
+    family = family_of_checkpoint(model_dir)
+    processor = family.load_processor(model_dir)
+    items, skipped = collect_items(records, cfg.image_folder, on_bad_image=cfg.on_bad_image,
+                                   videos=getattr(processor, "videos", False))
     check_skipped(skipped, len(records), cfg.max_skip_fraction, image_folder=cfg.image_folder,
                   what="evaluation records")
-    family = family_of_checkpoint(model_dir)
-    model = family.load_model(model_dir, torch.float32)
+    check_video_frames(family, items, "--eval-data")
+    model = family.load_model(model_dir, torch.float32, attn_implementation=cfg.attn_implementation)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    processor = family.load_processor(model_dir)
     # per-sample budgets: preflight made --eval-keep required
     keeps = cfg.eval_keep or default_keeps(family, model.config, POST_RUN_FRACTIONS)
     settings = compression_settings(family, model.config, keeps, layer=cfg.layer)

@@ -34,11 +34,13 @@ REMOVING_PREFIX = ".removing-"  # a directory being deleted is renamed first, so
 
 # TrainConfig fields a resume may change: logging, checkpointing, output and post-training options, and the
 # run's length (extending a run; the schedule and learning rate follow the new length from the resumed step on,
-# with a warning). Every other field shapes the batches, schedule draws, optimizer or model, and a change would
+# with a warning), and the attention implementation (the same attention computed by another kernel, e.g. a resume
+# on a machine without flash-attn). Every other field shapes the batches, schedule draws, optimizer or model, and a change would
 # silently make a different run.
 RESUME_MAY_CHANGE = frozenset({
     "resume", "output_dir", "save_steps", "keep_checkpoints", "log_steps", "export", "eval_data", "eval_keep",
     "stop_after_steps", "max_skip_fraction", "on_bad_image", "demo_steps", "max_steps", "epochs",
+    "attn_implementation",
 })
 _LENGTH = ("max_steps", "epochs")
 

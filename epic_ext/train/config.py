@@ -7,7 +7,7 @@ import json
 import pathlib
 from dataclasses import asdict, dataclass, field
 
-from ..cli import HelpFormatter, Parser, UsageError
+from ..cli import HelpFormatter, Parser, UsageError, add_attn_implementation_argument
 from ..compress import available as available_methods
 from ..schedules import DEFAULT_PRESET, SCHEDULES, ResolvedConstants, resolve_constants
 
@@ -52,6 +52,7 @@ class TrainConfig:
     zero: int = 2
     deepspeed_config: str | None = None
     bf16: bool = False
+    attn_implementation: str = "sdpa"  # the language model's (epic_ext.models.families.ATTN_IMPLEMENTATIONS)
     gradient_checkpointing: bool = False
     max_length: int = 2048
     pad_to_square: bool = False
@@ -80,6 +81,11 @@ class TrainConfig:
             raise UsageError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
         if self.on_bad_image not in ("skip", "error"):
             raise UsageError(f"--on-bad-image must be 'skip' or 'error', got {self.on_bad_image!r}")
+        from ..models.families import ATTN_IMPLEMENTATIONS  # noqa: PLC0415
+
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise UsageError(f"--attn-implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got "
+                             f"{self.attn_implementation!r}")
         if self.padding_side not in ("left", "right"):
             raise UsageError(f"--padding-side must be 'left' or 'right', got {self.padding_side!r}")
         for name in ("micro_batch_size", "grad_accum", "log_steps", "max_length"):
@@ -207,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero", type=int, default=defaults.zero, help="bundled DeepSpeed ZeRO config: 0, 1, 2 or 3")
     p.add_argument("--deepspeed-config", help="your own DeepSpeed JSON ('auto' entries are filled in)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=defaults.bf16, help="bfloat16 training")
+    add_attn_implementation_argument(p, ", in training and in the evaluation after it")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                    default=defaults.gradient_checkpointing, help="recompute activations in the backward pass")
     p.add_argument("--max-length", type=int, default=defaults.max_length, help="longest tokenized sample")

@@ -185,7 +185,10 @@ def train(run: Run) -> dict:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    model = run.family.load_model(cfg.model, torch.bfloat16 if cfg.bf16 else torch.float32)
+    model = run.family.load_model(cfg.model, torch.bfloat16 if cfg.bf16 else torch.float32,
+                                  attn_implementation=cfg.attn_implementation)
+    if rank == 0:
+        _logger.info("language model attention: %s", _hf.text_attention_implementation(model.config.get_text_config()))
     processor = run.family.load_processor(cfg.model)
     if cfg.gradient_checkpointing:
         _hf.enable_activation_checkpointing(model, use_reentrant=False)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from ..cli import UsageError, check_skipped, load_model_config, load_records_option
+from ..cli import UsageError, check_attn_implementation_option, check_skipped, load_model_config, load_records_option
 from ..compress import get_compressor
 from ..data.records import ImageLoadError, image_names, scan_records, video_frames
 from ..models.families import TRAINABLE, family_of
@@ -60,6 +60,10 @@ def preflight(cfg: TrainConfig) -> Run:
         UsageError: the first problem found, naming its option.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    import torch  # noqa: PLC0415
+
+    check_attn_implementation_option(cfg.attn_implementation, "cuda" if torch.cuda.is_available() else "cpu",
+                                     torch.bfloat16 if cfg.bf16 else torch.float32, dtype_hint="--bf16")
     try:
         ds = deepspeed_config(cfg, world_size)
     except FileNotFoundError as error:

@@ -222,9 +222,15 @@ def assert_matches_reference(out, reference: EagerReference, layer: int, expecte
 
 
 # ------------------------------------------------------------------------------- checks shared by the families --
-def check_against_reference(model, layouts, method: str, padding: str, layer: int, seed: int, **amount) -> None:
+def check_against_reference(model, layouts, method: str, padding: str, layer: int, seed: int, attn_case=None,
+                            **amount) -> None:
     """apply_compression(method) on a batch equals the masked eager reference (FastV and DART kept sets ranked
-    independently; Random's kept set is checked for counts and text, then its logits)."""
+    independently; Random's kept set is checked for counts and text, then its logits).
+
+    Args:
+        attn_case: a helpers.attn_cases.AttnCase: the compressed model runs under its attention implementation
+            (None: the model as it is, SDPA).
+    """
     from epic_ext.models import apply_compression  # noqa: PLC0415
 
     data = MultimodalBatch(model, layouts, padding=padding, seed=seed)
@@ -235,14 +241,30 @@ def check_against_reference(model, layouts, method: str, padding: str, layer: in
                 "dart": lambda: reference.dart_kept(layer, counts),
                 "random": lambda: None}[method]()
     kwargs = {"generator": torch.Generator().manual_seed(seed)} if method == "random" else {}
-    handle = apply_compression(model, method, layer=layer, **amount, **kwargs)
-    try:
-        with torch.no_grad():
-            out = model(**data.batch)
-    finally:
-        handle.remove()
+
+    def compressed(variant, batch):
+        handle = apply_compression(variant, method, layer=layer, **amount, **kwargs)
+        try:
+            with torch.no_grad():
+                return variant(**batch)
+        finally:
+            handle.remove()
+
     assert sum(counts) < int(visual.sum()), "the setting drops visual tokens"
-    assert_matches_reference(out, reference, layer, expected, counts)
+    if attn_case is None:
+        assert_matches_reference(compressed(model, data.batch), reference, layer, expected, counts)
+        return
+    out = attn_case.run(model, data.batch, compressed)
+    for b in range(visual.shape[0]):
+        positions = out.kept_positions[b][out.kept_positions[b] >= 0]
+        assert set((~visual[b]).nonzero().flatten().tolist()) <= set(positions.tolist()), "text is never dropped"
+        if expected is not None:
+            assert positions[visual[b, positions]].tolist() == expected[b].nonzero().flatten().tolist(), b
+    kept_visual = torch.zeros_like(visual)
+    for b in range(visual.shape[0]):
+        positions = out.kept_positions[b][out.kept_positions[b] >= 0]
+        kept_visual[b, positions[visual[b, positions]]] = True
+    attn_case.assert_rows(out, reference.mask, reference.logits(layer, kept_visual))
 
 
 def check_batched_generate_equals_single(model, layouts, method: str = "fastv", layer: int = 2, seed: int = 0,

@@ -17,6 +17,8 @@ pytest.importorskip("transformers")
 
 from epic_ext.models import _hf, apply_compression  # noqa: E402
 from epic_ext.models.tiny import build_tiny_llava  # noqa: E402
+from helpers.attn_cases import ATTN_CASES, AttnCase  # noqa: E402
+from helpers.flash_standin import flash_standin, use_flash  # noqa: E402
 from helpers.llava_data import make_llava_batch  # noqa: E402
 
 LAYOUTS = [[3, "img", 6], [5, "img", 2], [2, "img", 9]]
@@ -95,6 +97,51 @@ def test_fastv_matches_masked_eager_reference(model, padding, layer, keep):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # the pruned length: every text/pad token plus `keep` visual tokens per sample
     assert out.logits.shape[1] == ids.shape[1] - (16 - keep)
+
+
+@pytest.mark.parametrize("attn", ATTN_CASES)
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_fastv_under_each_attention_matches_masked_eager_reference(model, attn, padding, monkeypatch):
+    """The scoring capture and the pruned masks under eager and flash attention (helpers.attn_cases)."""
+    layer, keep = 2, 4
+    batch = make_llava_batch(model, LAYOUTS, padding=padding, seed=17)
+    expected_logits, expected_kept = reference_fastv(model, batch, layer, keep)
+    case = AttnCase(attn, monkeypatch)
+    out = case.run(model, batch, lambda variant, inputs: compressed_forward(variant, inputs, layer=layer, keep=keep))
+    image = batch["input_ids"] == model.config.image_token_id
+    for b in range(len(LAYOUTS)):
+        positions = out.kept_positions[b][out.kept_positions[b] >= 0]
+        assert positions[image[b, positions]].tolist() == expected_kept[b].nonzero().flatten().tolist(), b
+    case.assert_rows(out, batch["attention_mask"], expected_logits)
+
+
+def test_batched_generate_under_flash_equals_per_sample_and_sdpa(model, monkeypatch):
+    """Left-padded batched generation on the pruned cache through transformers' flash_attention_2 path (pure-torch
+    kernels, helpers.flash_standin): each row equals the sample alone, and the SDPA model's tokens."""
+    layouts = [[3, "img", 6], [5, "img", 2], [7, "img", 9]]
+    batch = make_llava_batch(model, layouts, padding="left", seed=5)
+    flash = copy.deepcopy(model)
+    use_flash(flash)
+    with flash_standin(monkeypatch):
+        handle = apply_compression(flash, "fastv", layer=2, keep=5)
+        try:
+            with torch.no_grad():
+                batched = flash.generate(**batch, max_new_tokens=6, do_sample=False)
+                for b in range(len(layouts)):
+                    real = batch["attention_mask"][b].bool()
+                    one = flash.generate(input_ids=batch["input_ids"][b, real][None],
+                                         attention_mask=torch.ones(1, int(real.sum()), dtype=torch.long),
+                                         pixel_values=batch["pixel_values"][b: b + 1], max_new_tokens=6,
+                                         do_sample=False)
+                    assert torch.equal(batched[b, -6:], one[0, -6:]), f"sample {b}"
+        finally:
+            handle.remove()
+    handle = apply_compression(model, "fastv", layer=2, keep=5)
+    try:
+        with torch.no_grad():
+            assert torch.equal(model.generate(**batch, max_new_tokens=6, do_sample=False), batched)
+    finally:
+        handle.remove()
 
 
 def test_ratio_zero_and_remove_reproduce_unpatched(model):

@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 
 from epic_ext.models import apply_compression  # noqa: E402
 from epic_ext.models.tiny import build_tiny_llava_onevision  # noqa: E402
+from helpers.attn_cases import ATTN_CASES, AttnCase  # noqa: E402
 from helpers.model_reference import (  # noqa: E402
     MultimodalBatch, check_against_reference, check_batched_generate_equals_single, check_ratio_zero_and_remove)
 
@@ -42,6 +43,15 @@ def test_layouts_mix_images_and_video(model):
 @pytest.mark.parametrize("method, layer", [("fastv", 2), ("fastv", 0), ("dart", 1), ("dart", 3), ("random", 2)])
 def test_matches_masked_eager_reference(model, method, layer, padding):
     check_against_reference(model, LAYOUTS, method, padding, layer, seed=layer + 10 * len(method), keep=6)
+
+
+@pytest.mark.parametrize("attn", ATTN_CASES)
+@pytest.mark.parametrize("method, layer", [("fastv", 2), ("dart", 1)])
+def test_matches_masked_eager_reference_under_each_attention(model, method, layer, attn, monkeypatch):
+    """Scoring (FastV's queries and keys, DART's keys) and pruning under eager and flash attention
+    (helpers.attn_cases)."""
+    check_against_reference(model, LAYOUTS, method, "right", layer, seed=29, attn_case=AttnCase(attn, monkeypatch),
+                            keep=6)
 
 
 @pytest.mark.parametrize("method", ["fastv", "dart", "random"])

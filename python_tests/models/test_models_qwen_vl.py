@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 
 from epic_ext.models import _hf, apply_compression, supported_classes  # noqa: E402
 from epic_ext.models.tiny import build_tiny_qwen2_5_vl, build_tiny_qwen3_vl  # noqa: E402
+from helpers.attn_cases import ATTN_CASES, AttnCase  # noqa: E402
 from helpers.dart_reference import reference_dart  # noqa: E402
 from helpers.qwen_data import make_qwen_batch  # noqa: E402
 from helpers.qwen_reference import Reference, eager_copy, kept_key_of, masked_reference, visual_mask  # noqa: E402,F401
@@ -104,6 +105,24 @@ def test_fastv_matches_masked_eager_reference(model, padding, layer, keep):
     assert_rows_match(out, batch, expected_logits)
     # the pruned length: the longest sample after dropping (the text-only sample: all of it)
     assert out.logits.shape[1] == batch["input_ids"].shape[1] - min(n - min(n, keep) for n in VISUAL_COUNTS)
+
+
+@pytest.mark.parametrize("attn", ATTN_CASES)
+def test_fastv_under_each_attention_matches_masked_eager_reference(model, attn, monkeypatch):
+    """Scoring and pruning under eager and flash attention (helpers.attn_cases); right padding, a text-only and a
+    video sample in the batch."""
+    layer, keep = 2, 3
+    batch = make_qwen_batch(model, MIXED, padding="right", seed=23)
+    full = masked_reference(model, batch, layer, torch.ones_like(batch["attention_mask"], dtype=torch.bool))
+    expected_kept = fastv_kept(model, batch, layer, keep, full.attentions)
+    visual = visual_mask(model, batch["input_ids"])
+    expected_logits = masked_reference(model, batch, layer, ~visual | expected_kept).logits
+    case = AttnCase(attn, monkeypatch)
+    out = case.run(model, batch, lambda variant, inputs: compressed(variant, inputs, "fastv", layer=layer, keep=keep))
+    for b in range(len(MIXED)):
+        positions = out.kept_positions[b][out.kept_positions[b] >= 0]
+        assert positions[visual[b, positions]].tolist() == expected_kept[b].nonzero().flatten().tolist(), b
+    case.assert_rows(out, batch["attention_mask"], expected_logits)
 
 
 @pytest.mark.parametrize("method, kwargs", [("dart", {}), ("random", {"generator": 3})])
