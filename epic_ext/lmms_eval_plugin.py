@@ -215,16 +215,27 @@ def parse_model_args(pretrained=None, method=None, layer=None, keep=None, ratio=
 
 
 def load_processor(family, pretrained: str, min_pixels: int | None = None, max_pixels: int | None = None):
-    """The family's processor of the checkpoint; with min_pixels / max_pixels (Qwen families), its image processor
-    reloaded with that pixel budget (the image processor's own min_pixels / max_pixels arguments: its size's
-    shortest_edge / longest_edge), as lmms-eval's Qwen wrappers load theirs."""
+    """The family's processor of the checkpoint; with min_pixels / max_pixels (Qwen families), the pixel budget of
+    its image and video processors replaced, as lmms-eval's Qwen wrappers load theirs (`AutoProcessor.from_pretrained
+    (path, min_pixels=..., max_pixels=...)`, which sets both): the official processor reloaded so, or, on the
+    fallback path, the image processor reloaded and the video settings' size replaced."""
+    from .models import _hf  # noqa: PLC0415
+
     processor = family.load_processor(pretrained)
     budget = {key: value for key, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
               if value is not None}
-    if budget:
-        processor.image_processor = type(processor.image_processor).from_pretrained(pretrained, **budget)
-        if getattr(processor, "official", None) is not None:  # the checkpoint's own processor: its image part too
-            processor.official.image_processor = processor.image_processor
+    if not budget:
+        return processor
+    if getattr(processor, "official", None) is not None:
+        processor.official = _hf.auto_processor(pretrained, **budget)
+        processor.image_processor = processor.official.image_processor
+        return processor
+    processor.image_processor = type(processor.image_processor).from_pretrained(pretrained, **budget)
+    if getattr(processor, "video_config", None) is not None:
+        size = dict(processor.video_config["size"])
+        size.update({"shortest_edge": min_pixels} if min_pixels is not None else {})
+        size.update({"longest_edge": max_pixels} if max_pixels is not None else {})
+        processor.video_config = {**processor.video_config, "size": size}
     return processor
 
 

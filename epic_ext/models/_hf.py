@@ -376,13 +376,14 @@ def torchvision_available() -> bool:
     return _TORCHVISION[0]
 
 
-def auto_processor(path: str, pil: bool = False):
-    """The checkpoint's AutoProcessor; `pil`: with its image processor's PIL backend (the fallback path, and
-    every processor without torchvision) instead of the torchvision one."""
+def auto_processor(path: str, pil: bool = False, **kwargs):
+    """The checkpoint's AutoProcessor (`kwargs` override its settings, e.g. min_pixels / max_pixels); `pil`: with
+    its image processor's PIL backend (the fallback path, and every processor without torchvision) instead of the
+    torchvision one."""
     transformers = _modules()["transformers"]
     if pil and torchvision_available():
-        return transformers.AutoProcessor.from_pretrained(path, backend="pil")
-    return transformers.AutoProcessor.from_pretrained(path)
+        return transformers.AutoProcessor.from_pretrained(path, backend="pil", **kwargs)
+    return transformers.AutoProcessor.from_pretrained(path, **kwargs)
 
 
 def image_processor_from_pretrained(path: str, pil: bool = False):
