@@ -237,7 +237,10 @@ class LlavaDataset(torch.utils.data.Dataset):
         visual: dict = {"pixel_values": None}
         image_texts = []
         if images:
-            processed = self.processor.image_processor(images, return_tensors="pt")
+            image_processor = self.processor.image_processor
+            # LLaVA-NeXT: crops padded to the sample's most, as LlavaNextProcessor.__call__ asks (do_pad=True)
+            anyres = "image_sizes" in getattr(image_processor, "model_input_names", ())
+            processed = image_processor(images, return_tensors="pt", **({"do_pad": True} if anyres else {}))
             visual["pixel_values"] = processed["pixel_values"].to(torch.float32)
             if "image_sizes" in processed:  # LLaVA-NeXT: [n, crops, C, S, S] and each image's (height, width)
                 visual["image_sizes"] = torch.as_tensor(processed["image_sizes"]).to(torch.long).reshape(-1, 2)

@@ -68,12 +68,15 @@ def prompt_text(item) -> str:
                    for turn in turns)
 
 
-def test_samples_equal_the_processors_own_call(processor, images):
+@pytest.mark.parametrize("do_pad", [True, False])
+def test_samples_equal_the_processors_own_call(processor, images, do_pad, monkeypatch):
     """Per record: input_ids equal processor(text=prompt, images=...)'s (the processor counts the <image> tokens
     of each image from its size), pixel_values [n, crops, 3, 28, 28] and image_sizes equal its; the supervised
-    tokens are the answers and their </s>."""
+    tokens are the answers and their </s>. An image processor saved with do_pad false gives the same samples: the
+    processor's __call__ asks for padded crops whatever the setting."""
     from PIL import Image
 
+    monkeypatch.setattr(processor.image_processor, "do_pad", do_pad)
     dataset = LlavaDataset(RECORDS, images, processor, max_length=1024)
     tokenizer = processor.tokenizer
     counts = set()
