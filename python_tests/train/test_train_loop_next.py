@@ -1,8 +1,8 @@
 """`python -m epic_ext.train` on a tiny LLaVA-NeXT checkpoint made offline (the llava-1.5 / NeXT-Vicuna prompt, a
-LlavaNextProcessor with the PIL NeXT image processor, the shapes task with training images of four aspect ratios:
-10 to 24 <image> tokens and 2 to 5 crops per sample): DeepSpeed on CPU, the loss decreases, a killed run resumes to
-the same losses, the export loads with from_pretrained and generates (batched == per sample under compression, a
-two-image prompt too), and `python -m epic_ext.eval` runs on it."""
+LlavaNextProcessor with the PIL NeXT image processor, the shapes task with training images of four aspect ratios: 10
+to 24 <image> tokens and 2 to 5 crops per sample): DeepSpeed on CPU, the loss decreases, two processes give one's
+losses, a killed run resumes to the same losses, the export loads with from_pretrained and generates (batched == per
+sample under compression, a two-image prompt too), and `python -m epic_ext.eval` runs on it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pathlib
 
 import pytest
 from helpers.next_assets import make_next_train_assets
-from helpers.train_runs import loss_decreases, resume_matches_uninterrupted, run_train
+from helpers.train_runs import loss_decreases, losses, resume_matches_uninterrupted, run_train
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
@@ -29,6 +29,18 @@ def test_loss_decreases(assets, tmp_path):
     metrics = loss_decreases(assets, tmp_path)
     row = metrics[14]
     assert 0 < row["teacher_ratio"] < row["student_ratio"] < 1 and row["grad_norm"] is not None
+
+
+def test_two_processes_match_one(assets, tmp_path):
+    """Two ranks, each padding its own micro-batch's crops (2 to 5 per image), give one rank's losses with twice the
+    accumulation: the padded crops change nothing."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_train(assets, one, "--zero", "2", "--max-steps", "3", "--grad-accum", "2", "--micro-batch-size", "2")
+    run_train(assets, two, "--zero", "2", "--max-steps", "3", "--grad-accum", "1", "--micro-batch-size", "2", nproc=2)
+    a, b = losses(one), losses(two)
+    for step in (1, 2, 3):
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-4), step
+        assert a[step]["student_ratio"] == b[step]["student_ratio"]
 
 
 def test_resume_after_kill_matches_uninterrupted(assets, tmp_path):
