@@ -25,8 +25,8 @@ __all__ = ["DistillConfig", "shifted_targets", "distillation_loss", "MODEL_INPUT
 
 # Batch entries handed to the multimodal model besides input_ids / attention_mask (those present and not None):
 # LLaVA's pixel_values; Qwen-VL's pixel_values + image_grid_thw, mm_token_type_ids (its M-RoPE positions) and a
-# video's pixel_values_videos + video_grid_thw + second_per_grid_ts; LLaVA-OneVision's image_sizes and
-# batch_num_images (anyres for single-image samples only).
+# video's pixel_values_videos + video_grid_thw + second_per_grid_ts; LLaVA-NeXT's image_sizes; LLaVA-OneVision's
+# image_sizes and batch_num_images (anyres for single-image samples only).
 MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw",
                     "second_per_grid_ts", "image_sizes", "batch_num_images")
 

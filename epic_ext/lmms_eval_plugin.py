@@ -7,18 +7,19 @@ lmms_eval, and ``import epic_ext`` never imports this module.
     lmms-eval --model epic_ext --model_args pretrained=DIR,method=fastv,layer=2,keep=64 --tasks gqa --batch_size 8
 
 Model arguments (``--model_args k=v,...``): ``pretrained`` (checkpoint directory or Hub id; its config.json's
-model_type picks the family: LLaVA-1.5, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision), ``method`` (fastv, dart, random),
-``layer`` (K, default 2), ``keep`` (visual tokens kept per sample) or ``ratio`` (fraction removed), ``batch_size``,
-``dtype`` (auto, fp32, bf16, fp16), ``device``, ``attn_implementation`` (the language model's: eager,
-sdpa, flash_attention_2; default sdpa), ``max_frames_num`` (frames sampled from a
+model_type picks the family: LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision), ``method`` (fastv, dart,
+random), ``layer`` (K, default 2), ``keep`` (visual tokens kept per sample) or ``ratio`` (fraction removed),
+``batch_size``, ``dtype`` (auto, fp32, bf16, fp16), ``device``, ``attn_implementation`` (the language model's:
+eager, sdpa, flash_attention_2; default sdpa), ``max_frames_num`` (frames sampled from a
 video, default 32; all of a shorter one's), ``max_new_tokens`` (when the task's generation_kwargs give none, default
 128), ``seed`` (Random compression), ``min_pixels`` / ``max_pixels`` (Qwen2.5-VL / Qwen3-VL: the image processor's
 pixel budget per image or video frame, in place of the checkpoint's; lmms-eval's own qwen2_5_vl wrapper runs at
 200704 / 1605632 unless told). No ``method`` / ``keep`` / ``ratio`` (or ``ratio=0``, or, for LLaVA-1.5, ``keep``
 equal to the model's visual tokens per image) is the unmodified model.
 
-Prompts and batching are `python -m epic_ext.eval`'s (epic_ext.eval.generate_chunk): LLaVA-1.5's ``USER: <image>\\n...
-ASSISTANT:``, the checkpoint's chat template for the other families, left padding, greedy unless the task samples.
+Prompts and batching are `python -m epic_ext.eval`'s (epic_ext.eval.generate_chunk): LLaVA-1.5's and LLaVA-NeXT's
+``USER: <image>\\n... ASSISTANT:``, the checkpoint's chat template for the other families, left padding, greedy unless
+the task samples.
 
 A bad model argument ends the run with one line before the model loads, and a generation error ends it naming the
 sample; both are SystemExit subclasses because lmms-eval's command line catches every Exception, prints it and

@@ -5,10 +5,13 @@ A record is ``{"id": ..., "image": None | "a.jpg" | ["a.jpg", "b.jpg"], "convers
 families (epic_ext.data.chat) also take ``"video": ["f0.jpg", "f1.jpg", ...]`` (frames in time order, one
 ``<video>`` placeholder).
 
-The prompt is the llava-1.5-hf one: ``<s>USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>``. Every
-``<image>`` placeholder is expanded with the processor's own ``replace_image_token`` (the string
-``LlavaProcessor.__call__`` would insert, ``image_seq_length`` image tokens per image) and the whole text is
-tokenized once, so ``input_ids`` equal what ``processor(text=..., images=...)`` produces for the same prompt.
+The prompt is the llava-1.5-hf one (also LLaVA-NeXT-Vicuna's): ``<s>USER: <image>\\nQ1 ASSISTANT: A1</s>USER: Q2
+ASSISTANT: A2</s>``. Every ``<image>`` placeholder is expanded with the processor's own ``replace_image_token`` (the
+string ``processor.__call__`` would insert: LlavaProcessor's ``image_seq_length`` image tokens per image;
+LlavaNextProcessor's per-image count from the image size, base crop + unpadded anyres grid + one newline slot per
+row) and the whole text is tokenized once, so ``input_ids`` equal what ``processor(text=..., images=...)`` produces
+for the same prompt. LLaVA-NeXT's images come as [n_images, crops, C, S, S] (crops padded to the sample's most) with
+``image_sizes`` [n_images, 2].
 Labels are -100 except on the tokens of the gpt answers and their eos token, found from the tokenizer's offset
 mapping.
 """
@@ -52,7 +55,8 @@ class LlavaDataset(torch.utils.data.Dataset):
     Args:
         records: LLaVA-format records (see `load_records`).
         image_folder: folder the records' relative image paths start from.
-        processor: a LlavaProcessor (fast tokenizer with offsets preferred; image processor; image_token).
+        processor: a LlavaProcessor or LlavaNextProcessor (fast tokenizer with offsets preferred; image processor;
+            image_token; replace_image_token).
         max_length: longest input_ids kept; longer samples lose their END (the answers last). A sample whose
             cut would fall inside or before its last image-token block is skipped ("too_long").
         pad_to_square: pad each image to a square with `background` before the image processor (LLaVA's "pad").
@@ -62,7 +66,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         background: RGB padding colour for `pad_to_square`.
 
     ``dataset[i]`` is None for a skipped sample, otherwise a dict with input_ids LongTensor [L], labels LongTensor
-    [L] (-100 off the answers), pixel_values FloatTensor [n_images, 3, H, W] or None (text-only), id.
+    [L] (-100 off the answers), pixel_values FloatTensor [n_images, 3, H, W] (LLaVA-NeXT: [n_images, crops, 3, S, S]
+    and image_sizes LongTensor [n_images, 2] (height, width)) or None (text-only), id.
     Skips are counted once per sample (``skipped``: reason -> count; ``skipped_ids``: reason -> ids); with
     DataLoader workers each worker holds its own counts.
     """
@@ -120,7 +125,7 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def _record_problem(self, record: dict) -> str | None:
         if video_frames(record):
-            return "a video record: LLaVA-1.5 takes images only"
+            return "a video record: LLaVA-1.5 and LLaVA-NeXT take images only"
         return placeholder_problem(record["conversations"], len(image_names(record)))
 
     def _load_image(self, path: str, sample_id: Any, index: int):
@@ -229,13 +234,19 @@ class LlavaDataset(torch.utils.data.Dataset):
     def _encode(self, record: dict, images: list) -> tuple[list[int], list[int], dict]:
         """(input_ids, labels, the model's visual inputs) of a record whose images are loaded."""
         pieces = self._prompt(record["conversations"], len(images))
-        pixel_values, image_texts = None, []
+        visual: dict = {"pixel_values": None}
+        image_texts = []
         if images:
-            processed = self.processor.image_processor(images, return_tensors="pt")
-            pixel_values = processed["pixel_values"].to(torch.float32)
+            image_processor = self.processor.image_processor
+            # LLaVA-NeXT: crops padded to the sample's most, as LlavaNextProcessor.__call__ asks (do_pad=True)
+            anyres = "image_sizes" in getattr(image_processor, "model_input_names", ())
+            processed = image_processor(images, return_tensors="pt", **({"do_pad": True} if anyres else {}))
+            visual["pixel_values"] = processed["pixel_values"].to(torch.float32)
+            if "image_sizes" in processed:  # LLaVA-NeXT: [n, crops, C, S, S] and each image's (height, width)
+                visual["image_sizes"] = torch.as_tensor(processed["image_sizes"]).to(torch.long).reshape(-1, 2)
             image_texts = [self.processor.replace_image_token(processed, image_idx=i) for i in range(len(images))]
         input_ids, labels = self._tokenize(pieces, image_texts)
-        return input_ids, labels, {"pixel_values": pixel_values}
+        return input_ids, labels, visual
 
 
 def collate(batch: Sequence[dict | None], pad_token_id: int, padding_side: str = "right") -> dict | None:
@@ -250,7 +261,8 @@ def collate(batch: Sequence[dict | None], pad_token_id: int, padding_side: str =
         None if every sample is None, else a dict with input_ids LongTensor [B, L], attention_mask LongTensor
         [B, L] (1 real, 0 pad), labels LongTensor [B, L], pixel_values FloatTensor [total images, 3, H, W] (all
         samples' images concatenated in batch order, the order LlavaForConditionalGeneration consumes them;
-        LLaVA-OneVision: [total images, most crops, 3, S, S]) or None when no sample has an image, and ids (list);
+        LLaVA-NeXT / LLaVA-OneVision: [total images, most crops, 3, S, S]) or None when no sample has an image,
+        and ids (list);
         the GRID_KEYS present, concatenated.
     """
     if padding_side not in ("left", "right"):
@@ -269,7 +281,7 @@ def collate(batch: Sequence[dict | None], pad_token_id: int, padding_side: str =
         labels[row, columns] = sample["labels"]
         attention_mask[row, columns] = 1
     images = [sample["pixel_values"] for sample in samples if sample["pixel_values"] is not None]
-    if images and images[0].dim() == 5:  # LLaVA-OneVision [n, crops, C, S, S]: crops padded to the batch's most
+    if images and images[0].dim() == 5:  # NeXT / OneVision [n, crops, C, S, S]: crops padded to the batch's most
         from .onevision import pad_crops  # noqa: PLC0415
 
         pixel_values = pad_crops(images)

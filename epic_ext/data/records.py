@@ -22,7 +22,8 @@ _ROLES = ("human", "gpt")
 
 
 # Per-image (per-video, per-sample) tensors of the chat-template families, concatenated over a batch in sample order
-# (LLaVA-OneVision: image_sizes [n_images, 2] and batch_num_images [1] per sample, 0 without images).
+# (LLaVA-NeXT: image_sizes [n_images, 2]; LLaVA-OneVision: image_sizes and batch_num_images [1] per sample, 0
+# without images).
 GRID_KEYS = ("image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "image_sizes",
              "batch_num_images")
 # Why a sample can be skipped (LlavaDataset.skipped keys), in the order reports list them.

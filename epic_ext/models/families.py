@@ -267,7 +267,8 @@ LLAVA = Family("llava", "LLaVA-1.5", "llava", "LlavaForConditionalGeneration", a
                shapes=(LMShape("llava-1.5-7b", 32, 4096, 11008, 32, 32, 128, 32064),  # Vicuna-7B
                        LMShape("llava-1.5-13b", 40, 5120, 13824, 40, 40, 128, 32064)))  # Vicuna-13B
 LLAVA_NEXT = Family("llava_next", "LLaVA-NeXT", "llava_next", "LlavaNextForConditionalGeneration",
-                    adapter="llava_next", processor_factory=_llava_processor, dataset_factory=None, per_image_budget=False,
+                    adapter="llava_next", processor_factory=_llava_processor, dataset_factory=_llava_dataset,
+                    per_image_budget=False,
                     tiny="llava_next",
                     shapes=(LMShape("llava-next-vicuna-7b", 32, 4096, 11008, 32, 32, 128, 32064, 2928, "llava_next"),
                             LMShape("llava-next-mistral-7b", 32, 4096, 14336, 32, 8, 128, 32064, 2928,
@@ -359,10 +360,10 @@ def _unique(modules: list[torch.nn.Module | None]) -> list[torch.nn.Parameter]:
 def parameter_parts(model) -> dict[str, list[torch.nn.Parameter]]:
     """The model's parameters as {"vision": ..., "projector": ..., "llm": ...}, every parameter in exactly one part.
 
-    LLaVA and LLaVA-OneVision: vision_tower / multi_modal_projector (+ OneVision's image_newline) /
-    language_model + lm_head. Qwen2.5-VL and Qwen3-VL: the vision
+    LLaVA, LLaVA-NeXT and LLaVA-OneVision: vision_tower / multi_modal_projector (+ NeXT's and OneVision's
+    image_newline, through the rule below) / language_model + lm_head. Qwen2.5-VL and Qwen3-VL: the vision
     transformer `visual` minus its patch merger(s) / `visual.merger` (+ Qwen3-VL's `deepstack_merger_list`) /
-    language_model + lm_head. A parameter outside these (none today) goes to the projector.
+    language_model + lm_head. A parameter outside these (the image_newline embedding) goes to the projector.
 
     Raises:
         ValueError: a model without a language_model or a vision module.

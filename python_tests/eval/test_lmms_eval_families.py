@@ -1,6 +1,6 @@
-"""`lmms-eval --model epic_ext` on the other chat-template families, compressed (FastV, 4 visual tokens kept per
-sample, layer 1), through the lmms-eval command line: tiny Qwen3-VL (images) and LLaVA-OneVision (images and a video
-in one batch). The image answers equal epic_ext.eval's per-sample answers at the same setting."""
+"""`lmms-eval --model epic_ext` on the other families, compressed (FastV, 4 visual tokens kept per sample, layer 1),
+through the lmms-eval command line: tiny Qwen3-VL (images), LLaVA-OneVision (images and a video in one batch) and
+LLaVA-NeXT (anyres images). The image answers equal epic_ext.eval's per-sample answers at the same setting."""
 
 from __future__ import annotations
 
@@ -12,18 +12,20 @@ import pytest
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install '.[eval]'; `make test` installs it)")
 
 from helpers.chat_assets import make_onevision_train_assets, make_qwen_train_assets  # noqa: E402
+from helpers.next_assets import make_next_train_assets  # noqa: E402
 from helpers.lmms_tasks import answers_of, run_lmms_eval, shapes_docs, write_task, write_video  # noqa: E402
 
 pytestmark = pytest.mark.slow
 N_IMAGES, KEEP, LAYER = 3, 4, 1
 
 
-@pytest.mark.parametrize("family, video", [("qwen3_vl", False), ("llava_onevision", True)])
+@pytest.mark.parametrize("family, video", [("qwen3_vl", False), ("llava_onevision", True), ("llava_next", False)])
 def test_compressed_plugin_equals_epic_ext_eval(tmp_path, family, video):
     from epic_ext.eval import collect_items, evaluate
     from epic_ext.models.families import family_of_checkpoint
 
     assets = (make_onevision_train_assets(tmp_path) if family == "llava_onevision"
+              else make_next_train_assets(tmp_path) if family == "llava_next"
               else make_qwen_train_assets(tmp_path, family))
     records = json.loads(pathlib.Path(assets["test"]).read_text())[:N_IMAGES]
     docs = shapes_docs(records, assets["images"])

@@ -88,17 +88,17 @@ def test_export_loads_back_and_generates(assets, exported):
 
 
 def test_unsupported_family_is_one_line_error(tmp_path):
-    from epic_ext.models.tiny import build_tiny_llava_next
+    from transformers import LlavaNextVideoConfig
 
-    model_dir = tmp_path / "next"
-    build_tiny_llava_next(seed=0).save_pretrained(str(model_dir))
+    model_dir = tmp_path / "next_video"  # config.json only: the refusal reads no weights
+    LlavaNextVideoConfig().save_pretrained(str(model_dir))
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"id": 0, "conversations": [{"from": "human", "value": "hi"},
                                                               {"from": "gpt", "value": "yes"}]}]))
     proc = run_train({"model": str(model_dir), "data": str(data), "images": str(tmp_path)}, tmp_path / "out",
                      check=False)
     line = one_error_line(proc)
-    assert "'llava_next' model is not supported" in line
+    assert "'llava_next_video' model is not supported" in line
     assert "llava (LlavaForConditionalGeneration), qwen2_5_vl (Qwen2_5_VLForConditionalGeneration)" in line
     assert not (tmp_path / "out").exists()  # refused before DeepSpeed started
 
