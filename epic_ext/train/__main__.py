@@ -55,6 +55,11 @@ def _main(argv: list[str] | None) -> int:
     from .preflight import preflight  # noqa: PLC0415
 
     run = preflight(cfg)  # paths, model config, layers, records, resume: before DeepSpeed and the weights
+    if cfg.dry_run:
+        from .estimate import report  # noqa: PLC0415
+
+        print(report(run, cfg.num_gpus or run.world_size, cfg.num_nodes))
+        return 0
     from .loop import train  # noqa: PLC0415
 
     started = time.perf_counter()

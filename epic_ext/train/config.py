@@ -69,12 +69,17 @@ class TrainConfig:
     eval_data: str | None = None
     eval_keep: list[int] = field(default_factory=list)
     stop_after_steps: int = 0  # testing aid: exit (as if killed) after this many steps
+    dry_run: bool = False  # preflight, parameter counts and DeepSpeed's memory estimate, then exit
+    num_gpus: int = 0  # --dry-run: GPUs per node of the planned run (0: this run's processes)
+    num_nodes: int = 1  # --dry-run: nodes of the planned run
 
     def validate(self) -> None:
         if self.model is None or self.data is None:
             raise UsageError("--model and --data are required (the demo is `python -m epic_ext.demo`)")
         if self.method not in available_methods():
             raise UsageError(f"--method must be one of {available_methods()}, got {self.method!r}")
+        if self.num_gpus < 0 or self.num_nodes < 1:
+            raise UsageError(f"--num-gpus must be >= 0 and --num-nodes >= 1, got {self.num_gpus} and {self.num_nodes}")
         if self.schedule not in SCHEDULES:
             raise UsageError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.zero not in (0, 1, 2, 3):
@@ -244,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", help="LLaVA-format QA file evaluated after training (exact match)")
     p.add_argument("--eval-keep", type=int, nargs="*", default=[],
                    help="visual tokens kept in the evaluation (none given: all, 1/2, 1/4, 1/8)")
+    p.add_argument("--dry-run", action="store_true", help="run every check, print the parameter counts and "
+                   "DeepSpeed's estimate of the memory per GPU for --zero and --num-gpus / --num-nodes, then exit "
+                   "(no weights are read)")
+    p.add_argument("--num-gpus", type=int, default=defaults.num_gpus,
+                   help="--dry-run: GPUs per node of the planned run (default: this run's processes)")
+    p.add_argument("--num-nodes", type=int, default=defaults.num_nodes, help="--dry-run: nodes of the planned run")
     p.add_argument("--stop-after-steps", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
