@@ -18,7 +18,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
 PROFILE ?= quick
 CONSTANTS ?=
-.PHONY: all setup build eval-deps test test-compat install-check fuzz demo demo-model bench ablation cuda-check \
+.PHONY: all setup build eval-deps test test-compat install-check fuzz demo demo-model bench ablation real-width cuda-check \
 	cuda-emu cuda-emu-planted cuda-perf cuda-perf-planted cuda-link-check gpu-check gpu-wheels clean
 all: test
 
@@ -90,6 +90,12 @@ bench: build
 # build/ablation/$(PROFILE), so an interrupted run resumes.
 ablation: build
 	$(VPY) bench/ablation.py --profile $(PROFILE) $(if $(CONSTANTS),--schedule-constants $(CONSTANTS))
+
+# A training run at real widths on the CPU (bench/real_width.py): a LLaVA-1.5-7B-shaped model cut to 2 decoder
+# layers, random weights, TCD under ZeRO-3 with gradient checkpointing for a few steps; peak memory and step time in
+# bench/results/real_width.json, with --dry-run's DeepSpeed estimate for the full 7B. About 15 GB of memory, minutes.
+real-width: build
+	$(VPY) bench/real_width.py
 
 # Compile every CUDA source with nvcc -c (also run as a test by `make test`).
 cuda-check: $(DEPS_STAMP)

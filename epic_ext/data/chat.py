@@ -42,22 +42,16 @@ logger = logging.getLogger(__name__)
 _FALLBACK_NOTED: set[str] = set()
 
 
-def note_fallback(what: str) -> None:
+def note_fallback(what: str, how: str = "the checkpoint's PIL image processor and a re-implementation of its video "
+                  "processor") -> None:
     """Says once per process and kind of checkpoint that epic_ext's own input path is used instead of the
     checkpoint's processor."""
     if what in _FALLBACK_NOTED:
         return
     _FALLBACK_NOTED.add(what)
-    logger.warning("epic_ext: %s inputs are built by epic_ext's fallback (the "
-                   "checkpoint's PIL image processor and a re-implementation of its video processor), not by the "
-                   "checkpoint's own processor (torchvision is not importable, or the fallback was asked for); "
-                   "docs/models.md lists the measured differences", what)
-
-QWEN_IMAGE_TOKEN = "<|image_pad|>"
-QWEN_VIDEO_TOKEN = "<|video_pad|>"
-ONEVISION_IMAGE_TOKEN = "<image>"
-ONEVISION_VIDEO_TOKEN = "<video>"
-DEFAULT_VIDEO_FPS = 2.0  # frames per second of a record's frame list without an "fps" field (Qwen's sampling rate)
+    logger.warning("epic_ext: %s inputs are built by epic_ext's fallback (%s), not by the checkpoint's own "
+                   "processor (torchvision is not importable, or the fallback was asked for); docs/models.md lists "
+                   "the measured differences", what, how)
 
 
 @dataclass

@@ -104,7 +104,7 @@ def _llava_processor(family: Family, path: str, backend: str = "auto"):
 
     if _official(backend):
         return _hf.auto_processor(path, pil=False)
-    note_fallback(f"{family.title} image")
+    note_fallback(f"{family.title} image", "the checkpoint's processor with its PIL image backend")
     return _hf.auto_processor(path, pil=True)
 
 
