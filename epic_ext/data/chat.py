@@ -54,6 +54,13 @@ def note_fallback(what: str, how: str = "the checkpoint's PIL image processor an
                    "the measured differences", what, how)
 
 
+QWEN_IMAGE_TOKEN = "<|image_pad|>"
+QWEN_VIDEO_TOKEN = "<|video_pad|>"
+ONEVISION_IMAGE_TOKEN = "<image>"
+ONEVISION_VIDEO_TOKEN = "<video>"
+DEFAULT_VIDEO_FPS = 2.0  # frames per second of a record's frame list without an "fps" field (Qwen's sampling rate)
+
+
 @dataclass
 class ChatProcessor:
     """What a chat-template family needs to build samples: the tokenizer (with the chat template), the image
@@ -152,6 +159,9 @@ class ChatProcessor:
         import shutil  # noqa: PLC0415
 
         os.makedirs(target, exist_ok=True)
+        if not os.path.isdir(self.source) and self.official is not None:
+            self.official.save_pretrained(os.fspath(target))
+            return
         if not os.path.isdir(self.source):
             self.tokenizer.save_pretrained(os.fspath(target))
             self.image_processor.save_pretrained(os.fspath(target))

@@ -376,14 +376,18 @@ def torchvision_available() -> bool:
     return _TORCHVISION[0]
 
 
-def auto_processor(path: str, pil: bool = False, **kwargs):
+def auto_processor(path: str, pil: bool = False, processor_class: str | None = None, **kwargs):
     """The checkpoint's AutoProcessor (`kwargs` override its settings, e.g. min_pixels / max_pixels); `pil`: with
     its image processor's PIL backend (the fallback path, and every processor without torchvision) instead of the
-    torchvision one."""
+    torchvision one. A checkpoint that names no processor class (AutoProcessor then returns its tokenizer alone)
+    gets `processor_class` (the family's, e.g. Qwen2_5_VLProcessor) built from its files."""
     transformers = _modules()["transformers"]
     if pil and torchvision_available():
-        return transformers.AutoProcessor.from_pretrained(path, backend="pil", **kwargs)
-    return transformers.AutoProcessor.from_pretrained(path, **kwargs)
+        kwargs["backend"] = "pil"
+    processor = transformers.AutoProcessor.from_pretrained(path, **kwargs)
+    if processor_class and getattr(processor, "image_processor", None) is None:
+        processor = getattr(transformers, processor_class).from_pretrained(path, **kwargs)
+    return processor
 
 
 def image_processor_from_pretrained(path: str, pil: bool = False):

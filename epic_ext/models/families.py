@@ -103,9 +103,9 @@ def _llava_processor(family: Family, path: str, backend: str = "auto"):
     from . import _hf  # noqa: PLC0415
 
     if _official(backend):
-        return _hf.auto_processor(path, pil=False)
+        return _hf.auto_processor(path, pil=False, processor_class=family.processor_class)
     note_fallback(f"{family.title} image", "the checkpoint's processor with its PIL image backend")
-    return _hf.auto_processor(path, pil=True)
+    return _hf.auto_processor(path, pil=True, processor_class=family.processor_class)
 
 
 def _chat_processor(family: Family, path: str, backend: str = "auto"):
@@ -118,7 +118,7 @@ def _chat_processor(family: Family, path: str, backend: str = "auto"):
 
     config = AutoConfig.from_pretrained(path) if family.anyres_layout else None
     if _official(backend):
-        official = _hf.auto_processor(path, pil=False)
+        official = _hf.auto_processor(path, pil=False, processor_class=family.processor_class)
         missing = [part for part in ("image_processor", "tokenizer") + (("video_processor",) if family.videos else ())
                    if getattr(official, part, None) is None]
         if missing:
@@ -165,6 +165,8 @@ class Family:
         uniform_video_frames: a batch holds videos of one frame count only (LLaVA-OneVision).
         anyres_layout: its processor needs the model config's anyres layout (LLaVA-OneVision).
         video_type: its video processor class (the fallback's resize rule and prompt, epic_ext.data.video).
+        processor_class: its transformers processor class, built when the checkpoint names none (no
+            processor_class in processor_config.json / preprocessor_config.json / tokenizer_config.json).
         shapes: built-in language-model shapes of released checkpoints (epic_ext.cost, `python -m
             epic_ext.efficiency --model NAME`).
         tiny: the builder in epic_ext.models.tiny of a tiny random model of the family (tests, CPU smoke runs).
@@ -183,6 +185,7 @@ class Family:
     uniform_video_frames: bool = False
     anyres_layout: bool = False
     video_type: str | None = None
+    processor_class: str | None = None
     shapes: tuple[LMShape, ...] = field(default=())
 
     @property
@@ -264,29 +267,34 @@ class Family:
 #   image: (1024 / 16)^2 patches merged 2x2.
 LLAVA = Family("llava", "LLaVA-1.5", "llava", "LlavaForConditionalGeneration", adapter="llava",
                processor_factory=_llava_processor, dataset_factory=_llava_dataset, per_image_budget=True, tiny="llava",
+               processor_class="LlavaProcessor",
                shapes=(LMShape("llava-1.5-7b", 32, 4096, 11008, 32, 32, 128, 32064),  # Vicuna-7B
                        LMShape("llava-1.5-13b", 40, 5120, 13824, 40, 40, 128, 32064)))  # Vicuna-13B
 LLAVA_NEXT = Family("llava_next", "LLaVA-NeXT", "llava_next", "LlavaNextForConditionalGeneration",
                     adapter="llava_next", processor_factory=_llava_processor, dataset_factory=_llava_dataset,
                     per_image_budget=False,
                     tiny="llava_next",
-                    shapes=(LMShape("llava-next-vicuna-7b", 32, 4096, 11008, 32, 32, 128, 32064, 2928, "llava_next"),
+                    processor_class="LlavaNextProcessor",
+               shapes=(LMShape("llava-next-vicuna-7b", 32, 4096, 11008, 32, 32, 128, 32064, 2928, "llava_next"),
                             LMShape("llava-next-mistral-7b", 32, 4096, 14336, 32, 8, 128, 32064, 2928,
                                     "llava_next")))
 LLAVA_ONEVISION = Family("llava_onevision", "LLaVA-OneVision", "llava_onevision",
                          "LlavaOnevisionForConditionalGeneration", adapter="llava_onevision", processor_factory=_chat_processor, dataset_factory=_chat_dataset,
                          per_image_budget=False, tiny="llava_onevision", videos=True, uniform_video_frames=True,
                          anyres_layout=True, video_type="LlavaOnevisionVideoProcessor",
-                         shapes=(LMShape("llava-onevision-7b", 28, 3584, 18944, 28, 4, 128, 152128, 3699,
+                         processor_class="LlavaOnevisionProcessor",
+               shapes=(LMShape("llava-onevision-7b", 28, 3584, 18944, 28, 4, 128, 152128, 3699,
                                          "llava_onevision"),))
 QWEN2_5_VL = Family("qwen2_5_vl", "Qwen2.5-VL", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
                     adapter="qwen_vl", processor_factory=_chat_processor, dataset_factory=_chat_dataset, per_image_budget=False,
                     tiny="qwen2_5_vl", videos=True, video_type="Qwen2VLVideoProcessor",
-                    shapes=(LMShape("qwen2.5-vl-7b", 28, 3584, 18944, 28, 4, 128, 152064, 1296, "qwen2_5_vl"),))
+                    processor_class="Qwen2_5_VLProcessor",
+               shapes=(LMShape("qwen2.5-vl-7b", 28, 3584, 18944, 28, 4, 128, 152064, 1296, "qwen2_5_vl"),))
 QWEN3_VL = Family("qwen3_vl", "Qwen3-VL", "qwen3_vl", "Qwen3VLForConditionalGeneration", adapter="qwen_vl",
                   processor_factory=_chat_processor, dataset_factory=_chat_dataset, per_image_budget=False,
                   tiny="qwen3_vl", videos=True, video_type="Qwen3VLVideoProcessor",
-                  shapes=(LMShape("qwen3-vl-8b", 36, 4096, 12288, 32, 8, 128, 151936, 1024, "qwen3_vl"),))
+                  processor_class="Qwen3VLProcessor",
+               shapes=(LMShape("qwen3-vl-8b", 36, 4096, 12288, 32, 8, 128, 151936, 1024, "qwen3_vl"),))
 
 # model_type -> Family, in the order messages list them
 FAMILIES: dict[str, Family] = {family.model_type: family

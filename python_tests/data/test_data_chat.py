@@ -270,7 +270,7 @@ def test_eval_skips_video_records(tmp_path):
                                                               {"from": "gpt", "value": "red"}]}
     items, skipped = collect_items([record], tmp_path)
     assert items == [] and skipped == {"bad_record": 1}
-    with pytest.raises(ValueError, match="evaluation takes images only"):
+    with pytest.raises(ValueError, match="a video record: this model takes images only"):
         collect_items([record], tmp_path, on_bad_image="error")
 
 

@@ -273,10 +273,13 @@ def test_shapes_task_is_deterministic(tmp_path, processor):
 def test_tiny_processor_round_trip_and_forward(tmp_path, image_folder):
     from transformers import LlavaProcessor  # noqa: PLC0415
 
+    from epic_ext.models import _hf  # noqa: PLC0415
     from epic_ext.models.tiny import build_tiny_llava  # noqa: PLC0415
 
     built = build_tiny_processor(demo_vocabulary(), save_dir=tmp_path / "processor")
-    loaded = LlavaProcessor.from_pretrained(tmp_path / "processor")
+    # the PIL image backend it was built with, also where torchvision is importable (its backend differs slightly)
+    loaded = (LlavaProcessor.from_pretrained(tmp_path / "processor", backend="pil") if _hf.torchvision_available()
+              else LlavaProcessor.from_pretrained(tmp_path / "processor"))
     assert len(loaded.tokenizer) == len(built.tokenizer)
     assert loaded.image_token_id == built.image_token_id == len(built.tokenizer) - 1
     prompt = ["USER: <image>\nwhat color is the shape in row one , column two ? ASSISTANT: red</s>"]
