@@ -111,7 +111,7 @@ def test_eval_cli_on_the_export(assets, exported, tmp_path, capsys):
     args = ["--model", str(exported), "--data", assets["test"], "--image-folder", assets["images"], "--layer", "1",
             "--max-new-tokens", "2", "--batch-size", "5"]
     assert main([*args, "--method", "fastv"]) == 2
-    assert "--keep is required for a qwen" in capsys.readouterr().err
+    assert "--keep or --ratio is required for a qwen" in capsys.readouterr().err
     assert main([*args, "--method", "fastv", "random", "--keep", "4", "2", "--output", str(tmp_path / "rows.json")]) == 0
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [(r["method"], r["keep"]) for r in rows] == [("none", 9), ("fastv", 4), ("fastv", 2), ("random", 4),

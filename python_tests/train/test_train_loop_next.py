@@ -107,7 +107,7 @@ def test_eval_cli_on_the_export(assets, exported, tmp_path, capsys):
     args = ["--model", str(exported), "--data", assets["test"], "--image-folder", assets["images"], "--layer", "1",
             "--max-new-tokens", "2", "--batch-size", "5"]
     assert main([*args, "--method", "fastv"]) == 2
-    assert "--keep is required for a llava_next" in capsys.readouterr().err
+    assert "--keep or --ratio is required for a llava_next" in capsys.readouterr().err
     rows_file = tmp_path / "rows.json"
     assert main([*args, "--method", "fastv", "random", "--keep", "8", "2", "--output", str(rows_file)]) == 0
     rows = json.loads(rows_file.read_text())
