@@ -1,0 +1,146 @@
+"""`python -m epic_ext.train --lora-r` end to end (DeepSpeed on CPU, tiny checkpoints): only the adapters and the
+trained projector copy change (the base weights in the checkpoint are bit-identical to the checkpoint trained from),
+the exported adapter loads with PeftModel.from_pretrained and the merged export with the family's from_pretrained,
+and both give the same logits and generations; a killed run resumes to the same losses under ZeRO-3 with gradient
+checkpointing; bad LoRA options are one-line errors."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+from helpers.chat_assets import make_qwen_train_assets
+from helpers.train_assets import make_train_assets
+from helpers.train_runs import losses, one_error_line, resume_matches_uninterrupted, run_train
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.slow
+LORA = ("--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0.1")
+
+
+@pytest.fixture(scope="module")
+def llava_assets(tmp_path_factory):
+    return make_train_assets(tmp_path_factory.mktemp("llava_lora"))
+
+
+@pytest.fixture(scope="module")
+def qwen_assets(tmp_path_factory):
+    return make_qwen_train_assets(tmp_path_factory.mktemp("qwen_lora"), "qwen2_5_vl")
+
+
+def _module_state(out_dir: pathlib.Path, step: int) -> dict:
+    """The model weights of a ZeRO 0-2 checkpoint (DeepSpeed's mp_rank_00_model_states.pt)."""
+    path = out_dir / "checkpoints" / f"step{step:07d}" / "mp_rank_00_model_states.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+
+def _base_key(key: str) -> str | None:
+    """The plain model's key of a trained model's key (None: an adapter or a trained copy)."""
+    if ".lora_" in key or ".modules_to_save." in key:
+        return None
+    return key.replace(".base_layer.", ".").replace(".original_module.", ".")
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_only_adapters_and_projector_change_and_export_loads(family, request, tmp_path):
+    from peft import PeftModel
+
+    from epic_ext.models.families import family_of_checkpoint
+
+    assets = request.getfixturevalue(f"{family}_assets")
+    out = tmp_path / "run"
+    run_train(assets, out, "--zero", "2", "--max-steps", "4", "--save-steps", "4", "--schedule", "tcd", "--lam", "0.7",
+              "--freeze-vision", *LORA, "--export", "--merge-lora")
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+    fam = family_of_checkpoint(assets["model"])
+    base = fam.load_model(assets["model"], torch.float32)
+    base_state = base.state_dict()
+    trained = _module_state(out, 4)
+    seen = set()
+    changed_adapters, changed_projector = 0, 0
+    for key, value in trained.items():
+        plain = _base_key(key)
+        if plain is None:
+            if ".lora_B." in key:
+                changed_adapters += int(value.abs().sum() > 0)  # B starts at zero
+            if ".modules_to_save." in key:
+                original = base_state[key.replace(".modules_to_save.default.", ".")]
+                changed_projector += int(not torch.equal(value, original))
+            continue
+        seen.add(plain)
+        assert torch.equal(value, base_state[plain]), f"{key} changed"
+    assert seen == set(base_state)  # every base weight was compared
+    layers = base.config.text_config.num_hidden_layers
+    assert changed_adapters == 7 * layers
+    assert changed_projector > 0
+
+    # the export: the adapter on the base checkpoint, and the merged model, give the same outputs
+    final = out / "final"
+    assert (final / "adapter" / "adapter_config.json").is_file() and (final / "config.json").is_file()
+    merged = fam.load_model(str(final), torch.float32).eval()
+    adapted = PeftModel.from_pretrained(fam.load_model(assets["model"], torch.float32), str(final / "adapter")).eval()
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    processor = fam.load_processor(str(final))
+    from helpers.llava_data import make_llava_batch  # noqa: PLC0415
+    from helpers.qwen_data import make_qwen_batch  # noqa: PLC0415
+
+    if family == "llava":
+        inputs = make_llava_batch(merged, [[3, "img", 4, 2], [2, "img", 5, 3]], padding="left", seed=4)
+    else:
+        inputs = make_qwen_batch(merged, [[3, ("img", 4, 4), 4, 2], [2, ("img", 2, 4), 5, 3]], padding="left",
+                                 seed=4)
+    with torch.no_grad():
+        a = merged(**inputs).logits
+        b = adapted(**inputs).logits
+        c = base(**inputs).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(a, c, atol=1e-3)  # the training changed the model
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert torch.equal(merged.generate(**inputs, **gen), adapted.generate(**inputs, **gen))
+
+
+def test_adapter_export_without_merge(llava_assets, tmp_path):
+    """Without --merge-lora, OUTPUT_DIR/final is the adapter and the processor; the trained vision tower
+    (--no-freeze-vision) and projector come back with PeftModel.from_pretrained."""
+    from peft import PeftModel
+
+    from epic_ext.models.families import family_of_checkpoint
+
+    out = tmp_path / "run"
+    run_train(llava_assets, out, "--zero", "0", "--max-steps", "2", "--save-steps", "2", *LORA, "--export")
+    final = out / "final"
+    assert (final / "adapter_config.json").is_file() and not (final / "config.json").exists()
+    fam = family_of_checkpoint(llava_assets["model"])
+    adapted = PeftModel.from_pretrained(fam.load_model(llava_assets["model"], torch.float32), str(final))
+    trained = _module_state(out, 2)
+    state = adapted.get_base_model().state_dict()
+    assert set(state) == set(trained)
+    for key, value in trained.items():
+        assert torch.equal(state[key], value), key
+    assert any(".vision_tower.modules_to_save." in key for key in trained)
+    fam.load_processor(str(final))
+
+
+def test_resume_reproduces_losses_zero3_gradient_checkpointing(llava_assets, tmp_path):
+    resume_matches_uninterrupted(llava_assets, tmp_path, "--zero", "3", "--gradient-checkpointing", *LORA,
+                                 "--max-steps", "6", "--save-steps", "3", "--schedule", "tcd", "--lam", "0.7")
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (("--lora-r", "0"), "--lora-r must be >= 1"),
+    (("--lora-r", "-2"), "--lora-r must be >= 1"),
+    (("--lora-r", "4", "--lora-target", "q_proj,qkv_proj"), "--lora-target: qkv_proj is not a linear layer"),
+    (("--merge-lora",), "--merge-lora need --lora-r"),
+    (("--lora-r", "4", "--lora-dropout", "1.5"), "--lora-dropout must be in [0, 1)"),
+    (("--lora-r", "4", "--freeze-llm"), "--freeze-llm with --lora-r"),
+])
+def test_bad_lora_options_are_one_line_errors(llava_assets, tmp_path, extra, expected):
+    proc = run_train(llava_assets, tmp_path / "run", "--max-steps", "1", *extra, check=False)
+    line = one_error_line(proc)
+    assert expected in line, line
+    assert "DeepSpeed" not in proc.stderr and not (tmp_path / "run").exists()  # before start-up
