@@ -51,7 +51,7 @@ def test_only_adapters_and_projector_change_and_export_loads(family, request, tm
 
     from epic_ext.models.families import family_of_checkpoint
 
-    assets = request.getfixturevalue(f"{family}_assets")
+    assets = request.getfixturevalue("llava_assets" if family == "llava" else "qwen_assets")
     out = tmp_path / "run"
     run_train(assets, out, "--zero", "2", "--max-steps", "4", "--save-steps", "4", "--schedule", "tcd", "--lam", "0.7",
               "--freeze-vision", *LORA, "--export", "--merge-lora")
