@@ -127,8 +127,20 @@ def test_adapter_export_without_merge(llava_assets, tmp_path):
 
 
 def test_resume_reproduces_losses_zero3_gradient_checkpointing(llava_assets, tmp_path):
+    """Also the ZeRO-3 export (weights gathered): the resumed run's merged model equals the uninterrupted one's."""
+    from safetensors.torch import load_file
+
     resume_matches_uninterrupted(llava_assets, tmp_path, "--zero", "3", "--gradient-checkpointing", *LORA,
-                                 "--max-steps", "6", "--save-steps", "3", "--schedule", "tcd", "--lam", "0.7")
+                                 "--max-steps", "6", "--save-steps", "3", "--schedule", "tcd", "--lam", "0.7",
+                                 "--export", "--merge-lora")
+    full, cut = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("full", "cut"))
+    base = load_file(pathlib.Path(llava_assets["model"]) / "model.safetensors")
+    assert set(full) == set(cut) == set(base)
+    for key in full:
+        torch.testing.assert_close(cut[key], full[key], rtol=1e-5, atol=1e-6)
+    changed = [key for key in full if not torch.equal(full[key], base[key])]
+    for part in ("language_model", "projector", "vision_tower"):  # run_train trains the vision tower
+        assert any(part in key for key in changed), part
 
 
 @pytest.mark.parametrize("extra, expected", [
