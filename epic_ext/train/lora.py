@@ -82,8 +82,12 @@ def lora_config(model, cfg):
                 save.append(_qualified_name(model, getattr(inner, attr)))
         if cfg.freeze_vision:
             for attr in ("merger", "deepstack_merger_list"):
-                if getattr(vision, attr, None) is not None:
-                    save.append(_qualified_name(model, getattr(vision, attr)))
+                module = getattr(vision, attr, None)
+                if module is None:
+                    continue
+                # peft wraps modules, not lists: Qwen3-VL's deepstack mergers one by one
+                parts = list(module) if isinstance(module, torch.nn.ModuleList) else [module]
+                save += [_qualified_name(model, part) for part in parts]
     alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_r
     return LoraConfig(r=cfg.lora_r, lora_alpha=alpha, lora_dropout=cfg.lora_dropout, target_modules=pattern,
                       modules_to_save=save or None, bias="none")

@@ -10,7 +10,7 @@ import pathlib
 
 import pytest
 import torch
-from helpers.chat_assets import make_qwen_train_assets
+from helpers.chat_assets import make_onevision_train_assets, make_qwen_train_assets
 from helpers.train_assets import make_train_assets
 from helpers.train_runs import losses, one_error_line, resume_matches_uninterrupted, run_train
 
@@ -27,9 +27,27 @@ def llava_assets(tmp_path_factory):
     return make_train_assets(tmp_path_factory.mktemp("llava_lora"))
 
 
-@pytest.fixture(scope="module")
-def qwen_assets(tmp_path_factory):
-    return make_qwen_train_assets(tmp_path_factory.mktemp("qwen_lora"), "qwen2_5_vl")
+def _assets(request, family):
+    if family == "llava":
+        return request.getfixturevalue("llava_assets")
+    root = request.config._tmp_path_factory.mktemp(f"{family}_lora")  # noqa: SLF001
+    if family == "llava_onevision":
+        return make_onevision_train_assets(root)
+    return make_qwen_train_assets(root, family)
+
+
+def _inputs(fam, assets, processor, count: int = 3) -> dict:
+    """Model inputs of the first `count` training samples (the family's dataset, collated left-padded)."""
+    import json
+
+    from epic_ext.data.llava import collate
+    from epic_ext.distill import MODEL_INPUT_KEYS
+
+    data = pathlib.Path(assets["data"]).read_text()
+    records = json.loads(data) if data.lstrip().startswith("[") else [json.loads(l) for l in data.splitlines() if l]
+    dataset = fam.dataset(records[:count], assets["images"], processor, max_length=128)
+    batch = collate([dataset[i] for i in range(count)], processor.tokenizer.pad_token_id, padding_side="left")
+    return {key: batch[key] for key in ("input_ids", "attention_mask", *MODEL_INPUT_KEYS) if batch.get(key) is not None}
 
 
 def _module_state(out_dir: pathlib.Path, step: int) -> dict:
@@ -45,13 +63,13 @@ def _base_key(key: str) -> str | None:
     return key.replace(".base_layer.", ".").replace(".original_module.", ".")
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen3_vl", "llava_onevision"])
 def test_only_adapters_and_projector_change_and_export_loads(family, request, tmp_path):
     from peft import PeftModel
 
     from epic_ext.models.families import family_of_checkpoint
 
-    assets = request.getfixturevalue("llava_assets" if family == "llava" else "qwen_assets")
+    assets = _assets(request, family)
     out = tmp_path / "run"
     run_train(assets, out, "--zero", "2", "--max-steps", "4", "--save-steps", "4", "--schedule", "tcd", "--lam", "0.7",
               "--freeze-vision", *LORA, "--export", "--merge-lora")
@@ -85,14 +103,7 @@ def test_only_adapters_and_projector_change_and_export_loads(family, request, tm
     adapted = PeftModel.from_pretrained(fam.load_model(assets["model"], torch.float32), str(final / "adapter")).eval()
     assert not any("lora_" in name for name, _ in merged.named_parameters())
     processor = fam.load_processor(str(final))
-    from helpers.llava_data import make_llava_batch  # noqa: PLC0415
-    from helpers.qwen_data import make_qwen_batch  # noqa: PLC0415
-
-    if family == "llava":
-        inputs = make_llava_batch(merged, [[3, "img", 4, 2], [2, "img", 5, 3]], padding="left", seed=4)
-    else:
-        inputs = make_qwen_batch(merged, [[3, ("img", 4, 4), 4, 2], [2, ("img", 2, 4), 5, 3]], padding="left",
-                                 seed=4)
+    inputs = _inputs(fam, assets, processor)
     with torch.no_grad():
         a = merged(**inputs).logits
         b = adapted(**inputs).logits
