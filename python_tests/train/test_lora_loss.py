@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 
 from epic_ext.distill import DistillConfig, distillation_loss  # noqa: E402
 from epic_ext.models import apply_compression  # noqa: E402
-from epic_ext.models.tiny import build_tiny_llava, build_tiny_qwen2_5_vl  # noqa: E402
+from epic_ext.models.tiny import build_tiny_llava, build_tiny_qwen2_5_vl, build_tiny_qwen3_vl  # noqa: E402
 from epic_ext.schedules import CompressionStep  # noqa: E402
 from epic_ext.train import lora  # noqa: E402
 from helpers.llava_data import make_llava_batch  # noqa: E402
@@ -75,9 +75,12 @@ def _merged_by_hand(model) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+BUILDERS = {"llava": build_tiny_llava, "qwen2_5_vl": build_tiny_qwen2_5_vl, "qwen3_vl": build_tiny_qwen3_vl}
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_lora_loss_equals_merged_weights(family):
-    build = build_tiny_llava if family == "llava" else build_tiny_qwen2_5_vl
+    build = BUILDERS[family]
     model = build(seed=2).train()
     cfg = _cfg()
     lora.apply_lora(model, cfg)

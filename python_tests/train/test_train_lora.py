@@ -71,9 +71,12 @@ def test_only_adapters_and_projector_change_and_export_loads(family, request, tm
 
     assets = _assets(request, family)
     out = tmp_path / "run"
-    run_train(assets, out, "--zero", "2", "--max-steps", "4", "--save-steps", "4", "--schedule", "tcd", "--lam", "0.7",
-              "--freeze-vision", *LORA, "--export", "--merge-lora")
+    evaluation = ("--eval-data", assets["test"]) if family == "llava" else ()  # the merged export, evaluated
+    proc = run_train(assets, out, "--zero", "2", "--max-steps", "4", "--save-steps", "4", "--schedule", "tcd",
+                     "--lam", "0.7", "--freeze-vision", *LORA, "--export", "--merge-lora", *evaluation)
     assert sorted(losses(out)) == [1, 2, 3, 4]
+    if evaluation:
+        assert "exact-match accuracy" in proc.stdout, proc.stdout[-2000:]
     fam = family_of_checkpoint(assets["model"])
     base = fam.load_model(assets["model"], torch.float32)
     base_state = base.state_dict()
@@ -163,6 +166,11 @@ def test_resume_reproduces_losses_zero3_gradient_checkpointing(llava_assets, tmp
     changed = [key for key in full if not torch.equal(full[key], base[key])]
     for part in ("language_model", "projector", "vision_tower"):  # run_train trains the vision tower
         assert any(part in key for key in changed), part
+    # the LoRA options shape the model: a resume may not change them
+    proc = run_train(llava_assets, tmp_path / "cut", "--deepspeed-config", str(ds_file), "--gradient-checkpointing",
+                     "--lora-r", "8", "--lora-alpha", "8", "--lora-dropout", "0.1", "--max-steps", "6",
+                     "--save-steps", "3", "--schedule", "tcd", "--lam", "0.7", "--resume", "auto", check=False)
+    assert "--lora-r 8 (checkpoint: 4)" in one_error_line(proc)
 
 
 @pytest.mark.parametrize("extra, expected", [
