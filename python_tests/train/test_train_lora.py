@@ -186,3 +186,38 @@ def test_bad_lora_options_are_one_line_errors(llava_assets, tmp_path, extra, exp
     line = one_error_line(proc)
     assert expected in line, line
     assert "DeepSpeed" not in proc.stderr and not (tmp_path / "run").exists()  # before start-up
+
+
+def test_two_processes_zero3_export(llava_assets, tmp_path):
+    """Two ranks under ZeRO-3 (every parameter partitioned): the export gathers the adapters from both, the merged
+    model differs from the base only in the adapted projections and the projector, and base + adapter equals it."""
+    import json
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from epic_ext.models.families import family_of_checkpoint
+    from epic_ext.train.config import CONFIG_DIR
+
+    ds = json.loads((CONFIG_DIR / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    ds_file = tmp_path / "zero3_partitioned.json"
+    ds_file.write_text(json.dumps(ds))
+    out = tmp_path / "run"
+    run_train(llava_assets, out, "--deepspeed-config", str(ds_file), "--freeze-vision", *LORA, "--max-steps", "3",
+              "--micro-batch-size", "2", "--export", "--merge-lora", nproc=2)
+    assert sorted(losses(out)) == [1, 2, 3]
+    merged = load_file(out / "final" / "model.safetensors")
+    base = load_file(pathlib.Path(llava_assets["model"]) / "model.safetensors")
+    assert set(merged) == set(base)
+    changed = {key for key in merged if not torch.equal(merged[key], base[key])}
+    adapted = {key for key in changed if key.rsplit(".", 2)[-2] in (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+    assert len(adapted) == 7 * 2 and all("language_model" in key and ".layers." in key for key in adapted)
+    assert changed - adapted and all("multi_modal_projector" in key for key in changed - adapted)
+    fam = family_of_checkpoint(llava_assets["model"])
+    peft_model = PeftModel.from_pretrained(fam.load_model(llava_assets["model"], torch.float32),
+                                           str(out / "final" / "adapter"))
+    exported = fam.load_model(str(out / "final"), torch.float32).state_dict()
+    for key, value in peft_model.merge_and_unload().state_dict().items():
+        torch.testing.assert_close(value, exported[key], rtol=1e-6, atol=1e-7)
