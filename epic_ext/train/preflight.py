@@ -28,8 +28,16 @@ def check_layers(cfg: TrainConfig, num_layers: int) -> None:
 
 
 def check_lora_targets(cfg: TrainConfig, family, config) -> None:
-    """--lora-target against the linear layers of the model's language model (built on the meta device)."""
+    """peft importable, and --lora-target against the linear layers of the model's language model (built on the
+    meta device)."""
+    import importlib  # noqa: PLC0415
+
     from . import lora  # noqa: PLC0415
+
+    try:
+        importlib.import_module("peft")
+    except ImportError:
+        raise UsageError("--lora-r needs the peft package: pip install 'epic_ext[train]' (or pip install peft)") from None
 
     try:
         lora.check_targets(lora.meta_model(family, config), lora.targets_of(cfg))

@@ -44,7 +44,7 @@ def _inputs(fam, assets, processor, count: int = 3) -> dict:
     from epic_ext.distill import MODEL_INPUT_KEYS
 
     data = pathlib.Path(assets["data"]).read_text()
-    records = json.loads(data) if data.lstrip().startswith("[") else [json.loads(l) for l in data.splitlines() if l]
+    records = json.loads(data) if data.lstrip().startswith("[") else [json.loads(line) for line in data.splitlines() if line]
     dataset = fam.dataset(records[:count], assets["images"], processor, max_length=128)
     batch = collate([dataset[i] for i in range(count)], processor.tokenizer.pad_token_id, padding_side="left")
     return {key: batch[key] for key in ("input_ids", "attention_mask", *MODEL_INPUT_KEYS) if batch.get(key) is not None}
