@@ -78,11 +78,13 @@ def _merged_by_hand(model) -> torch.nn.Module:
 BUILDERS = {"llava": build_tiny_llava, "qwen2_5_vl": build_tiny_qwen2_5_vl, "qwen3_vl": build_tiny_qwen3_vl}
 
 
-@pytest.mark.parametrize("family", sorted(BUILDERS))
-def test_lora_loss_equals_merged_weights(family):
+@pytest.mark.parametrize("family, freeze_vision", [(family, True) for family in sorted(BUILDERS)]
+                         + [("llava", False), ("qwen3_vl", False)])
+def test_lora_loss_equals_merged_weights(family, freeze_vision):
+    """freeze_vision False: the vision tower is a trained copy too (Qwen-VL: with its mergers inside)."""
     build = BUILDERS[family]
     model = build(seed=2).train()
-    cfg = _cfg()
+    cfg = _cfg(freeze_vision=freeze_vision)
     lora.apply_lora(model, cfg)
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():  # B starts at zero in peft: random adapters (and a changed projector copy) instead
@@ -107,10 +109,13 @@ def test_lora_loss_equals_merged_weights(family):
     ours["loss"].backward()
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert with_grad == trainable
+    unused = {n for n in trainable - with_grad if "post_layernorm" in n}  # LLaVA reads the tower's layer -2
+    assert with_grad == trainable - unused
     assert any("lora_A" in n for n in with_grad) and any("lora_B" in n for n in with_grad)
     assert all("lora_" in n or "modules_to_save" in n for n in with_grad), sorted(with_grad)
     assert any("modules_to_save" in n for n in with_grad)  # the projector's trained copy
+    vision = "visual" if family.startswith("qwen") else "vision_tower"
+    assert any(f"{vision}.modules_to_save" in n and "merger" not in n for n in with_grad) == (not freeze_vision)
 
 
 def test_default_targets_stay_in_the_language_model():
