@@ -118,7 +118,8 @@ def test_only_adapters_and_projector_change_and_export_loads(family, request, tm
         assert torch.equal(merged.generate(**inputs, **gen), adapted.generate(**inputs, **gen))
 
 
-def test_adapter_export_without_merge(llava_assets, tmp_path):
+@pytest.mark.parametrize("zero", ["0", "1"])
+def test_adapter_export_without_merge(llava_assets, tmp_path, zero):
     """Without --merge-lora, OUTPUT_DIR/final is the adapter and the processor; the trained vision tower
     (--no-freeze-vision) and projector come back with PeftModel.from_pretrained."""
     from peft import PeftModel
@@ -126,7 +127,7 @@ def test_adapter_export_without_merge(llava_assets, tmp_path):
     from epic_ext.models.families import family_of_checkpoint
 
     out = tmp_path / "run"
-    run_train(llava_assets, out, "--zero", "0", "--max-steps", "2", "--save-steps", "2", *LORA, "--export")
+    run_train(llava_assets, out, "--zero", zero, "--max-steps", "2", "--save-steps", "2", *LORA, "--export")
     final = out / "final"
     assert (final / "adapter_config.json").is_file() and not (final / "config.json").exists()
     fam = family_of_checkpoint(llava_assets["model"])
