@@ -181,8 +181,10 @@ def test_resume_reproduces_losses_zero3_gradient_checkpointing(llava_assets, tmp
     (("--merge-lora",), "--merge-lora need --lora-r"),
     (("--lora-r", "4", "--lora-dropout", "1.5"), "--lora-dropout must be in [0, 1)"),
     (("--lora-r", "4", "--freeze-llm"), "--freeze-llm with --lora-r"),
+    (("--lora-r", "4", "--eval-data", "TEST"), "--eval-data with --lora-r evaluates the merged model"),
 ])
 def test_bad_lora_options_are_one_line_errors(llava_assets, tmp_path, extra, expected):
+    extra = [llava_assets["test"] if value == "TEST" else value for value in extra]
     proc = run_train(llava_assets, tmp_path / "run", "--max-steps", "1", *extra, check=False)
     line = one_error_line(proc)
     assert expected in line, line
