@@ -40,7 +40,7 @@ REMOVING_PREFIX = ".removing-"  # a directory being deleted is renamed first, so
 RESUME_MAY_CHANGE = frozenset({
     "resume", "output_dir", "save_steps", "keep_checkpoints", "log_steps", "export", "eval_data", "eval_keep",
     "stop_after_steps", "max_skip_fraction", "on_bad_image", "demo_steps", "max_steps", "epochs",
-    "attn_implementation", "dry_run", "num_gpus", "num_nodes",
+    "attn_implementation", "dry_run", "num_gpus", "num_nodes", "merge_lora",
 })
 _LENGTH = ("max_steps", "epochs")
 

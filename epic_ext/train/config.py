@@ -48,6 +48,12 @@ class TrainConfig:
     freeze_vision: bool = True
     freeze_projector: bool = False
     freeze_llm: bool = False
+    # LoRA (epic_ext.train.lora): None: full fine-tuning
+    lora_r: int | None = None
+    lora_alpha: float | None = None  # None: 2 * lora_r
+    lora_dropout: float = 0.05
+    lora_target: str | None = None  # comma-separated linear layers of the language model; None: lora.DEFAULT_TARGETS
+    merge_lora: bool = False  # export the merged model (and the adapter in final/adapter)
     # system
     zero: int = 2
     deepspeed_config: str | None = None
@@ -122,8 +128,36 @@ class TrainConfig:
             raise UsageError(f"--tau must be > 0, got {self.tau}")
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise UsageError(f"--max-skip-fraction must be in [0, 1], got {self.max_skip_fraction}")
+        self._validate_lora()
         if self.epochs <= 0 and self.max_steps <= 0:
             raise UsageError("give --epochs > 0 or --max-steps > 0")
+
+    def _validate_lora(self) -> None:
+        if self.lora_r is None:
+            given = [name for name in ("lora_alpha", "lora_target") if getattr(self, name) is not None]
+            given += ["merge_lora"] if self.merge_lora else []
+            given += ["lora_dropout"] if self.lora_dropout != TrainConfig.lora_dropout else []
+            if given:
+                raise UsageError(f"{', '.join('--' + n.replace('_', '-') for n in given)} need --lora-r (LoRA "
+                                 "training)")
+            return
+        if self.lora_r < 1:
+            raise UsageError(f"--lora-r must be >= 1, got {self.lora_r}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise UsageError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UsageError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_target is not None:
+            names = [name.strip() for name in self.lora_target.split(",")]
+            bad = [name for name in names if not name.isidentifier()]
+            if bad or not names:
+                raise UsageError(f"--lora-target must be comma-separated module names (e.g. q_proj,v_proj), got "
+                                 f"{self.lora_target!r}")
+        if self.freeze_llm:
+            raise UsageError("--freeze-llm with --lora-r: the adapters are the language model's trainable part; "
+                             "leave out one of them")
+        if self.eval_data and not self.merge_lora:
+            raise UsageError("--eval-data with --lora-r evaluates the merged model: add --merge-lora")
 
     def resolved_lam(self, constants: ResolvedConstants) -> float:
         """--lam, or the preset's distillation weight when not given."""
@@ -215,6 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="freeze the multimodal projector")
     p.add_argument("--freeze-llm", action=argparse.BooleanOptionalAction, default=defaults.freeze_llm,
                    help="freeze the language model")
+    p.add_argument("--lora-r", type=int, default=None,
+                   help="train LoRA adapters of this rank on the language model instead of its weights (peft); the "
+                        "projector and vision tower follow --freeze-projector / --freeze-vision")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling alpha (default: 2 x --lora-r)")
+    p.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout, help="dropout on the LoRA input")
+    p.add_argument("--lora-target", default=None,
+                   help="comma-separated linear layers of the language model's decoder layers that get adapters "
+                        "(default: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
+    p.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=defaults.merge_lora,
+                   help="export the model with the adapters merged (OUTPUT_DIR/final, from_pretrained) and the "
+                        "adapter in OUTPUT_DIR/final/adapter; without it OUTPUT_DIR/final is the adapter")
     p.add_argument("--zero", type=int, default=defaults.zero, help="bundled DeepSpeed ZeRO config: 0, 1, 2 or 3")
     p.add_argument("--deepspeed-config", help="your own DeepSpeed JSON ('auto' entries are filled in)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=defaults.bf16, help="bfloat16 training")

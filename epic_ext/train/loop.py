@@ -79,6 +79,9 @@ def _all_reduce(value: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------ data --
 # ---------------------------------------------------------------------------------------------------- model --
 def _param_groups(model, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups per part (vision / projector / LM, each with its learning rate, decayed and not). Full
+    fine-tuning: the freeze options set requires_grad per part. LoRA: peft has set it (adapters and trained copies
+    only), and the groups take the parameters that require gradients."""
     params = parameter_parts(model)
     parts = {
         "vision": (params["vision"], cfg.freeze_vision, cfg.vision_lr or cfg.lr),
@@ -87,6 +90,9 @@ def _param_groups(model, cfg: TrainConfig) -> list[dict]:
     }
     groups = []
     for name, (params, frozen, lr) in parts.items():
+        if cfg.lora_r is not None:
+            params = [p for p in params if p.requires_grad]
+            frozen = not params
         for p in params:
             p.requires_grad_(not frozen)
         if frozen:
@@ -193,6 +199,14 @@ def train(run: Run) -> dict:
     if cfg.gradient_checkpointing:
         _hf.enable_activation_checkpointing(model, use_reentrant=False)
         model.config.use_cache = False
+    if cfg.lora_r is not None:
+        from . import lora  # noqa: PLC0415
+
+        lora.apply_lora(model, cfg)  # in place: `model` keeps its class, with the adapters inside
+        if rank == 0:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            _logger.info("LoRA r %d on %s: %d trainable parameters of %d", cfg.lora_r,
+                         ", ".join(lora.targets_of(cfg)), trainable, sum(p.numel() for p in model.parameters()))
     groups = _param_groups(model, cfg)
     handle = apply_compression(model, cfg.method, layer=cfg.layer, ratio=cfg.ratio)
     dataset = build_dataset(run, processor)
@@ -325,14 +339,15 @@ def train(run: Run) -> dict:
     _skip_check(dataset, cfg, device)
     finished = not (cfg.stop_after_steps and cfg.stop_after_steps < total_steps)
     if cfg.export and finished:
-        summary["export"] = str(_export(engine, handle, processor, out_dir / "final", cfg, rank))
+        summary["export"] = str(_export(engine, handle, processor, out_dir / "final", cfg, rank, run.family))
     return summary
 
 
-def _export(engine, handle, processor, target: pathlib.Path, cfg: TrainConfig, rank: int) -> pathlib.Path:
+def _export(engine, handle, processor, target: pathlib.Path, cfg: TrainConfig, rank: int, family) -> pathlib.Path:
     """save_pretrained of the trained weights (gathered under ZeRO-3) and the processor, loadable by the family's
     class's from_pretrained / AutoProcessor.from_pretrained (chat-template families: the checkpoint's processor
-    files, copied)."""
+    files, copied). LoRA: the adapter (PeftModel.from_pretrained), or with --merge-lora the merged model and the
+    adapter in target/adapter (epic_ext.train.lora.export)."""
     if engine.zero_optimization_stage() == 3:
         state_dict = engine._zero3_consolidated_16bit_state_dict()
     else:
@@ -344,9 +359,17 @@ def _export(engine, handle, processor, target: pathlib.Path, cfg: TrainConfig, r
             model.config.use_cache = True
         # written beside the target and moved into place when complete: a kill leaves no half-written final/
         staging = checkpoint.staging_dir(target)
-        model.save_pretrained(str(staging), state_dict=state_dict, safe_serialization=True)
-        faults.reached("export.weights")
-        processor.save_pretrained(str(staging))
+        if cfg.lora_r is not None:
+            from . import lora  # noqa: PLC0415
+
+            trained = lora.trained_model(family, cfg, {k: v.detach().cpu() for k, v in state_dict.items()},
+                                         torch.bfloat16 if cfg.bf16 else torch.float32)
+            lora.export(trained, processor, staging, cfg.merge_lora)
+            faults.reached("export.weights")
+        else:
+            model.save_pretrained(str(staging), state_dict=state_dict, safe_serialization=True)
+            faults.reached("export.weights")
+            processor.save_pretrained(str(staging))
         checkpoint.publish_dir(staging, target)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

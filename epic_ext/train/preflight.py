@@ -27,6 +27,24 @@ def check_layers(cfg: TrainConfig, num_layers: int) -> None:
                          f"model ({num_layers} decoder layers), got {cfg.min_layer}")
 
 
+def check_lora_targets(cfg: TrainConfig, family, config) -> None:
+    """peft importable, and --lora-target against the linear layers of the model's language model (built on the
+    meta device)."""
+    import importlib  # noqa: PLC0415
+
+    from . import lora  # noqa: PLC0415
+
+    try:
+        importlib.import_module("peft")
+    except ImportError:
+        raise UsageError("--lora-r needs the peft package: pip install 'epic_ext[train]' (or pip install peft)") from None
+
+    try:
+        lora.check_targets(lora.meta_model(family, config), lora.targets_of(cfg))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
 def check_schedule(run: Run) -> None:
     """The schedule as the training loop will build it (e.g. ICD's stage layers must fit between --min-layer and
     the model's depth), so a bad combination stops here, not after DeepSpeed starts."""
@@ -76,6 +94,8 @@ def preflight(cfg: TrainConfig) -> Run:
     family = family_of(config)
     num_layers = config.text_config.num_hidden_layers
     check_layers(cfg, num_layers)
+    if cfg.lora_r is not None:
+        check_lora_targets(cfg, family, config)
     visual = family.visual_tokens_per_image(config)
     if visual is None and cfg.eval_data and not cfg.eval_keep:
         raise UsageError(f"--eval-keep is required with --eval-data for a {family.name} model (its visual tokens "
