@@ -11,6 +11,7 @@ import pathlib
 import pytest
 import torch
 from helpers.chat_assets import make_onevision_train_assets, make_qwen_train_assets
+from helpers.next_assets import make_next_train_assets
 from helpers.train_assets import make_train_assets
 from helpers.train_runs import losses, one_error_line, resume_matches_uninterrupted, run_train
 
@@ -33,6 +34,8 @@ def _assets(request, family):
     root = request.config._tmp_path_factory.mktemp(f"{family}_lora")  # noqa: SLF001
     if family == "llava_onevision":
         return make_onevision_train_assets(root)
+    if family == "llava_next":
+        return make_next_train_assets(root)
     return make_qwen_train_assets(root, family)
 
 
@@ -63,7 +66,7 @@ def _base_key(key: str) -> str | None:
     return key.replace(".base_layer.", ".").replace(".original_module.", ".")
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen3_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl", "qwen3_vl", "llava_onevision"])
 def test_only_adapters_and_projector_change_and_export_loads(family, request, tmp_path):
     from peft import PeftModel
 
