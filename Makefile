@@ -74,14 +74,14 @@ test-tv: build
 	$(VPY) tools/test_stacks.py --stacks tv $(STACKS_ARGS)
 
 # The ends of the declared torch range (pyproject's torch>= and the newest release, 2.15.0, above this machine's pip
-# cap: the stack's own PIP_CONSTRAINT replaces the global constraints file for its pip calls): the lowest runs the
-# op, model and training tests, the newest the op and model tests.
+# cap: the stack's own PIP_CONSTRAINT replaces the global constraints file for its pip calls): the op and model
+# tests (STACKS_ARGS=--full: the training and compression tests too).
 test-torch-range: build
 	$(VPY) tools/test_stacks.py --stacks torch-lowest torch-newest $(STACKS_ARGS)
 
-# Everything CI runs, in CI's order (.ci/run).
+# Everything: CI's run (.ci/run), with the range ends' full test sets (training and compression tests too).
 test-stacks:
-	.ci/run
+	STACKS_ARGS=--full .ci/run
 
 # The README's install commands, verbatim, in a fresh venv that holds only torch (PIP_CONSTRAINT keeps them on our
 # pins), then the whole suite against that regular (non-editable) install, run from outside the source tree.
