@@ -222,7 +222,9 @@ def install_extension(stack: Stack, venv: pathlib.Path) -> str:
 
 def run_tests(stack: Stack, venv: pathlib.Path, tests: list[str], pytest_args: list[str]) -> tuple[int, str]:
     """pytest with the stack's python, from the repository root; returns its exit code and its summary line."""
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(STACKS_DIR / f"{stack.key}-torch_extensions"))
+    # unbuffered: pytest writes into our pipe, and its progress should show as it goes
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(STACKS_DIR / f"{stack.key}-torch_extensions"),
+               PYTHONUNBUFFERED="1")
     env.pop("PYTHONPATH", None)
     cmd = [str(venv_python(venv)), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, *pytest_args]
     summary = ""
