@@ -18,8 +18,8 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
 PROFILE ?= quick
 CONSTANTS ?=
-.PHONY: all setup build eval-deps test test-compat test-tv test-torch-range test-stacks install-check fuzz demo demo-model bench ablation cuda-check \
-	cuda-emu cuda-emu-planted cuda-perf cuda-perf-planted cuda-link-check gpu-check gpu-wheels clean
+.PHONY: all setup build eval-deps test test-compat test-tv test-torch-range test-stacks install-check fuzz demo \
+	demo-model bench ablation cuda-check cuda-emu cuda-emu-planted cuda-perf cuda-perf-planted cuda-link-check gpu-check gpu-wheels clean
 all: test
 
 # The venv counts as made only once its stamp is written: an interrupted `python -m venv` is made again.
