@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\ntest-stacks summary:")
     for stack, outcome, setup_s, test_s in results:
         print(f"  stack {stack.title} ({stack.key}): {outcome}; set-up {setup_s:.0f} s, tests {test_s:.0f} s")
-    failed = [f"stack {stack.title}: {outcome}" for stack, outcome, _, _ in results if not outcome.startswith("passed")]
+    failed = [f"stack {stack.title}: {outcome.removeprefix('FAILED: ')}" for stack, outcome, _, _ in results
+              if not outcome.startswith("passed")]
     if failed:
         print("test-stacks: FAILED on " + "; ".join(failed))
         return 1
