@@ -18,8 +18,8 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 
 PROFILE ?= quick
 CONSTANTS ?=
-.PHONY: all setup build eval-deps test test-compat install-check fuzz demo demo-model bench ablation real-width cuda-check \
-	cuda-emu cuda-emu-planted cuda-perf cuda-perf-planted cuda-link-check gpu-check gpu-wheels clean
+.PHONY: all setup build eval-deps test test-compat test-tv test-torch-range test-stacks install-check fuzz demo \
+	demo-model bench ablation real-width cuda-check cuda-emu cuda-emu-planted cuda-perf cuda-perf-planted cuda-link-check gpu-check gpu-wheels clean
 all: test
 
 # The venv counts as made only once its stamp is written: an interrupted `python -m venv` is made again.
@@ -63,6 +63,25 @@ test: build $(EVAL_STAMP)
 COMPAT_ARGS ?=
 test-compat: build
 	$(VPY) tools/test_compat.py $(COMPAT_ARGS)
+
+# Other torch stacks, each in its own venv under build/stacks/ (tools/test_stacks.py; built beside its final name,
+# moved into place with a completion marker, reused when complete; the extension compiled against that torch, with
+# the CUDA kernels where nvcc matches torch's CUDA). A failure names the stack. STACKS_ARGS passes options to it.
+STACKS_ARGS ?=
+# torch 2.14.1 + torchvision 0.29.1 (CUDA builds run on the CPU), pinned transformers, DeepSpeed, the eval extra:
+# the whole suite (CUDA cases skip without a GPU).
+test-tv: build
+	$(VPY) tools/test_stacks.py --stacks tv $(STACKS_ARGS)
+
+# The ends of the declared torch range (pyproject's torch>= and the newest release, 2.15.0, above this machine's pip
+# cap: the stack's own PIP_CONSTRAINT replaces the global constraints file for its pip calls): the op and model
+# tests (STACKS_ARGS=--full: the training and compression tests too).
+test-torch-range: build
+	$(VPY) tools/test_stacks.py --stacks torch-lowest torch-newest $(STACKS_ARGS)
+
+# Everything: CI's run (.ci/run), with the range ends' full test sets (training and compression tests too).
+test-stacks:
+	STACKS_ARGS=--full .ci/run
 
 # The README's install commands, verbatim, in a fresh venv that holds only torch (PIP_CONSTRAINT keeps them on our
 # pins), then the whole suite against that regular (non-editable) install, run from outside the source tree.
