@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
     cmd = [sys.executable, "-m", "epic_ext.train", "--model", assets["model"], "--data", assets["data"],
            "--image-folder", assets["images"], "--output-dir", str(run_dir), "--schedule", "tcd", "--method", "fastv",
-           "--layer", "1", "--min-layer", "1", "--zero", "3", "--gradient-checkpointing", "--micro-batch-size", "2",
+           "--layer", "1", "--min-layer", "1", "--zero", "3", "--gradient-checkpointing", "--micro-batch-size", "1",
            "--max-steps", str(args.steps), "--max-length", "1024", "--lr", "1e-5", "--no-export", "--seed", "0"]
     print("$ " + " ".join(cmd), flush=True)
     started = time.perf_counter()
