@@ -111,8 +111,9 @@ ablation: build
 	$(VPY) bench/ablation.py --profile $(PROFILE) $(if $(CONSTANTS),--schedule-constants $(CONSTANTS))
 
 # A training run at real widths on the CPU (bench/real_width.py): a LLaVA-1.5-7B-shaped model cut to 2 decoder
-# layers, random weights, TCD under ZeRO-3 with gradient checkpointing for a few steps; peak memory and step time in
-# bench/results/real_width.json, with --dry-run's DeepSpeed estimate for the full 7B. About 15 GB of memory, minutes.
+# layers, random weights, LoRA + projector trained with TCD under ZeRO-3 and gradient checkpointing for a few steps;
+# peak memory and step time in bench/results/real_width.json, with --dry-run's DeepSpeed estimate for the full 7B.
+# (bench/real_width.py --full fine-tunes fully: more than the CPU machine's 24 GiB.)
 real-width: build
 	$(VPY) bench/real_width.py
 
