@@ -79,9 +79,12 @@ test-tv: build
 test-torch-range: build
 	$(VPY) tools/test_stacks.py --stacks torch-lowest torch-newest $(STACKS_ARGS)
 
-# Everything: CI's run (.ci/run), with the range ends' full test sets (training and compression tests too).
+# Everything: CI's run (.ci/run), the tv stack again with the CUDA kernels built, and the range ends with their full
+# test sets (training and compression tests too).
 test-stacks:
-	STACKS_ARGS=--full .ci/run
+	.ci/run
+	$(MAKE) test-tv
+	$(MAKE) test-torch-range STACKS_ARGS=--full
 
 # The README's install commands, verbatim, in a fresh venv that holds only torch (PIP_CONSTRAINT keeps them on our
 # pins), then the whole suite against that regular (non-editable) install, run from outside the source tree.
