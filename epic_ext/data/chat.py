@@ -292,8 +292,9 @@ class ChatProcessor:
     def _official_encode(self, text, spans, images, video):
         kwargs = {"text": [text], "return_tensors": "pt", "return_offsets_mapping": True,
                   "return_text_replacement_offsets": True}
-        if images:
-            kwargs["images"] = [image.convert("RGB") for image in images]
+        if images:  # LLaVA-OneVision: one sample's images nested, so several are one multi-image prompt (base crops)
+            rgb = [image.convert("RGB") for image in images]
+            kwargs["images"] = [rgb] if self.layout is not None else rgb
         if video is not None:
             frames, fps = video
             if not frames:

@@ -274,7 +274,9 @@ def test_the_tiny_test_checkpoints_give_the_same_samples_on_both_paths(tmp_path,
 
     assets = (make_onevision_train_assets(tmp_path) if family == "llava_onevision"
               else make_qwen_train_assets(tmp_path, family))
-    records = json.loads(pathlib.Path(assets["data"]).read_text())[:6]
+    records = json.loads(pathlib.Path(assets["data"]).read_text())[:7]
+    records[6]["image"] = [records[6]["image"], records[5]["image"]]  # a two-image sample (OneVision: base crops)
+    records[6]["conversations"][0]["value"] = "<image>\n" + records[6]["conversations"][0]["value"]
     for index, record in enumerate(records[:3]):
         record["video"] = [records[(index + k) % 6]["image"] for k in range(4)]
         record["conversations"][0]["value"] = "<video>\n" + record["conversations"][0]["value"]
